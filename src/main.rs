@@ -1,1 +1,113 @@
-fn main() {}
+//! `claudefs`: the one binary that wires ClaudeFS together.
+//!
+//! - `claudefs server`: reactors, bdevs and the JSON-RPC control socket;
+//! - `claudefs rpc METHOD [params]`: the control client;
+//! - `claudefs bdevperf`: the bdev benchmark and verifier.
+
+mod app;
+mod bdevperf;
+mod methods;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "claudefs",
+    version,
+    about = "ClaudeFS: a userspace, polled-mode distributed file system for NVMe servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server: reactors, bdevs and the control socket.
+    Server(server::ServerArgs),
+    /// Call a JSON-RPC method of a running server (`claudefs rpc METHOD --help` describes one).
+    Rpc(RpcArgs),
+    /// Benchmark or verify bdevs (like SPDK's bdevperf).
+    Bdevperf(bdevperf::Args),
+}
+
+#[derive(clap::Args)]
+#[command(disable_help_flag = true)]
+struct RpcArgs {
+    /// Control socket of the server.
+    #[arg(short = 's', long = "server", default_value = pmd::rpc::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Seconds to wait for the response.
+    #[arg(short = 't', long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Print the result as compact JSON on one line.
+    #[arg(long)]
+    raw: bool,
+    /// The method (rpc_get_methods lists them).
+    #[arg(allow_hyphen_values = true)]
+    method: String,
+    /// Parameters: `--name value` pairs, one JSON object, or --help for the method's help.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    params: Vec<String>,
+}
+
+fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
+    use clients::control::{Client, ClientError, params_from_args, render_help};
+    if args.method == "--help" || args.method == "-h" {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        if let Some(rpc) = cmd.find_subcommand_mut("rpc") {
+            rpc.print_help()?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+    let mut client = Client::connect(&args.socket, timeout)?;
+    if args.params.iter().any(|p| p == "--help" || p == "-h") {
+        print!("{}", render_help(&client.describe(&args.method)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let params = if args.params.is_empty() || args.params[0].trim_start().starts_with('{') {
+        params_from_args(&args.method, &serde_json::Value::Null, &args.params)?
+    } else {
+        let detail = client.describe(&args.method)?;
+        params_from_args(&args.method, &detail["params"], &args.params)?
+    };
+    match client.call(&args.method, params) {
+        Ok(result) => {
+            let text = if args.raw { serde_json::to_string(&result)? } else { serde_json::to_string_pretty(&result)? };
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ ClientError::Rpc { .. }) => {
+            eprintln!("claudefs rpc {}: {e}", args.method);
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(a) => server::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Rpc(a) => rpc(a),
+        Command::Bdevperf(a) => bdevperf::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("claudefs: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -55,7 +55,9 @@ fn open_existing(path: &Path, direct: bool, create_size: Option<u64>, created: b
     }
     let file = match opts.open(path) {
         Ok(f) => f,
-        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => return Err(BdevError::NoDirectIo(path.to_path_buf())),
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            return Err(BdevError::NoDirectIo(path.to_path_buf()));
+        }
         Err(e) => return Err(file_err("opening", path)(e)),
     };
     let meta = file.metadata().map_err(file_err("inspecting", path))?;
@@ -82,7 +84,9 @@ fn open_existing(path: &Path, direct: bool, create_size: Option<u64>, created: b
             return Err(BdevError::File {
                 action: "using",
                 path: path.to_path_buf(),
-                source: io::Error::other(format!("it exists with {size} bytes, not the {want} bytes asked for; leave out `size` to use it as it is")),
+                source: io::Error::other(format!(
+                    "it exists with {size} bytes, not the {want} bytes asked for; leave out `size` to use it as it is"
+                )),
             });
         }
     }
@@ -95,6 +99,7 @@ fn dio_offset_align(file: &File) -> u32 {
     // SAFETY: statx is plain old data; all-zero is valid.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is open, the empty path with AT_EMPTY_PATH refers to it, and `stx` is writable.
-    let rc = unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 { stx.stx_dio_offset_align } else { 0 }
 }

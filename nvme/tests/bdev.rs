@@ -116,7 +116,11 @@ fn bad_requests_complete_with_errors_naming_the_problem() {
 #[test]
 fn statistics_count_ops_bytes_and_latency() {
     let mut h = Harness::new();
-    let bdev = null::create(&h.registry, &null::NullConfig { name: "n0".into(), num_blocks: 1 << 20, block_size: 4096, uuid: None }).unwrap();
+    let bdev = null::create(
+        &h.registry,
+        &null::NullConfig { name: "n0".into(), num_blocks: 1 << 20, block_size: 4096, uuid: None },
+    )
+    .unwrap();
     let mut ch = h.channel("n0", true);
     for i in 0..10 {
         h.read(&mut ch, i, 4096).unwrap();
@@ -199,7 +203,14 @@ fn injected_failures_and_torn_requests() {
     assert_eq!(got[1024..], old[1024..]);
 
     // A torn read garbles the tail.
-    let cfg = InjectConfig { name: "EE_m0".into(), io_type: InjectIoType::Read, error_type: InjectKind::Torn, num: 1, skip: 1, torn_blocks: Some(1) };
+    let cfg = InjectConfig {
+        name: "EE_m0".into(),
+        io_type: InjectIoType::Read,
+        error_type: InjectKind::Torn,
+        num: 1,
+        skip: 1,
+        torn_blocks: Some(1),
+    };
     error_bdev::inject(&h.registry, &cfg).unwrap();
     assert_eq!(h.read(&mut ch, 0, 2048).unwrap(), got, "skip lets the first read through");
     let torn = h.read(&mut ch, 0, 2048).unwrap();
@@ -208,7 +219,14 @@ fn injected_failures_and_torn_requests() {
 
     // Clearing removes pending rules.
     inject(&h, InjectIoType::All, InjectKind::Failure, 5);
-    let clear = InjectConfig { name: "EE_m0".into(), io_type: InjectIoType::All, error_type: InjectKind::Clear, num: 1, skip: 0, torn_blocks: None };
+    let clear = InjectConfig {
+        name: "EE_m0".into(),
+        io_type: InjectIoType::All,
+        error_type: InjectKind::Clear,
+        num: 1,
+        skip: 0,
+        torn_blocks: None,
+    };
     error_bdev::inject(&h.registry, &clear).unwrap();
     assert!(h.read(&mut ch, 0, 512).is_ok());
     let err = error_bdev::inject(&h.registry, &InjectConfig { name: "m0".into(), ..clear }).unwrap_err();

@@ -12,7 +12,11 @@ const BS: usize = 512;
 
 fn setup(blocks: u64) -> (Harness, BdevChannel) {
     let mut h = Harness::new();
-    malloc::create(&h.registry, &malloc::MallocConfig { name: "m0".into(), num_blocks: blocks, block_size: BS as u32, uuid: None }).unwrap();
+    malloc::create(
+        &h.registry,
+        &malloc::MallocConfig { name: "m0".into(), num_blocks: blocks, block_size: BS as u32, uuid: None },
+    )
+    .unwrap();
     crash::create(&h.registry, &CrashConfig { name: "c0".into(), base_name: "m0".into(), uuid: None }).unwrap();
     let ch = h.channel("c0", true);
     (h, ch)
@@ -79,7 +83,8 @@ fn a_cut_bdev_fails_requests_until_powered_on() {
     cut(&mut h, &mut ch, PowerCutMode::Keep, 0);
     assert_eq!(h.read(&mut ch, 0, BS), Err(IoError::Removed));
     assert_eq!(h.flush(&mut ch), Err(IoError::Removed));
-    let err = crash::power_cut(&h.registry, &PowerCutConfig { name: "c0".into(), mode: PowerCutMode::Drop, seed: 0 }).unwrap_err();
+    let err = crash::power_cut(&h.registry, &PowerCutConfig { name: "c0".into(), mode: PowerCutMode::Drop, seed: 0 })
+        .unwrap_err();
     assert!(err.to_string().contains("not on"), "{err}");
     crash::power_on(&h.registry, "c0").unwrap();
     assert_eq!(h.read(&mut ch, 0, BS).unwrap(), vec![1; BS]);

@@ -155,7 +155,12 @@ fn a_file_system_without_o_direct_is_named_and_buffered_io_offered() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("ramfs");
     std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "ramfs", "none"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "none"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         eprintln!("SKIP: cannot mount a ramfs (needs root) to test a file system without O_DIRECT");
         return;

@@ -191,7 +191,11 @@ impl Pool {
                         return Err(DmaError::NoHugepages { bytes: len, total, free });
                     }
                     if !self.warned_fallback.swap(true, Ordering::Relaxed) {
-                        tracing::info!(total, free, "no free hugepages; DMA memory falls back to ordinary pages (fine for io_uring and malloc bdevs, not for VFIO)");
+                        tracing::info!(
+                            total,
+                            free,
+                            "no free hugepages; DMA memory falls back to ordinary pages (fine for io_uring and malloc bdevs, not for VFIO)"
+                        );
                     }
                     Mapping::ordinary(len).map_err(|source| DmaError::Map { bytes: len, source })?
                 }
@@ -237,10 +241,7 @@ fn class_of(len: usize) -> Option<usize> {
 
 enum Backing {
     /// A block of a size class, returned to its free list on drop.
-    Class {
-        class: usize,
-        region: u32,
-    },
+    Class { class: usize, region: u32 },
     /// A mapping of its own (buffers above 2 MiB).
     Dedicated(Mapping),
 }
@@ -260,7 +261,11 @@ unsafe impl Sync for DmaBuf {}
 
 impl std::fmt::Debug for DmaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaBuf").field("addr", &self.ptr).field("len", &self.len).field("capacity", &self.capacity).finish()
+        f.debug_struct("DmaBuf")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
@@ -275,7 +280,12 @@ impl DmaBuf {
         match class_of(len) {
             Some(class) => {
                 let (ptr, region) = pool.alloc_class(class)?;
-                Ok(Self { ptr, len, capacity: 1 << (class as u32 + MIN_CLASS_SHIFT), backing: Backing::Class { class, region } })
+                Ok(Self {
+                    ptr,
+                    len,
+                    capacity: 1 << (class as u32 + MIN_CLASS_SHIFT),
+                    backing: Backing::Class { class, region },
+                })
             }
             None => {
                 let size = len.next_multiple_of(HUGEPAGE_SIZE);
@@ -455,7 +465,11 @@ pub fn regions() -> Vec<RegionInfo> {
 /// The pool region with index `index` (see [`DmaBuf::region`]).
 pub fn region_info(index: u32) -> Option<RegionInfo> {
     let regions = pool().regions.lock().unwrap_or_else(|p| p.into_inner());
-    regions.get(index as usize).map(|m| RegionInfo { addr: m.as_ptr().as_ptr() as usize, len: m.len(), huge: m.is_huge() })
+    regions.get(index as usize).map(|m| RegionInfo {
+        addr: m.as_ptr().as_ptr() as usize,
+        len: m.len(),
+        huge: m.is_huge(),
+    })
 }
 
 /// The pool's options.

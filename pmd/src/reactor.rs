@@ -342,7 +342,10 @@ pub struct Reactor {
 
 impl fmt::Debug for Reactor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Reactor").field("id", &self.core.handle.id()).field("pollers", &self.core.pollers.len()).finish()
+        f.debug_struct("Reactor")
+            .field("id", &self.core.handle.id())
+            .field("pollers", &self.core.pollers.len())
+            .finish()
     }
 }
 
@@ -777,7 +780,12 @@ mod tests {
             }
         }
         let mut r = Reactor::group(1).pop().unwrap();
-        let src = Rc::new(Src { efd: EventFd::new().unwrap(), state: Cell::new(Armed::Sleep), armed: Cell::new(0), disarmed: Cell::new(0) });
+        let src = Rc::new(Src {
+            efd: EventFd::new().unwrap(),
+            state: Cell::new(Armed::Sleep),
+            armed: Cell::new(0),
+            disarmed: Cell::new(0),
+        });
         r.with_ctx(|ctx| ctx.register_wake_source(src.clone())).unwrap();
         // Woken by the source's eventfd.
         src.efd.notify();

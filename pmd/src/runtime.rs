@@ -183,7 +183,8 @@ mod tests {
 
     #[test]
     fn adaptive_reactors_sleep_when_idle_and_serve_messages() {
-        let rt = Runtime::start(RuntimeOptions { mask: CoreMask::first(1), spin_us: 100, ..Default::default() }).unwrap();
+        let rt =
+            Runtime::start(RuntimeOptions { mask: CoreMask::first(1), spin_us: 100, ..Default::default() }).unwrap();
         let r = rt.reactors()[0].clone();
         std::thread::sleep(Duration::from_millis(100));
         assert!(r.is_sleeping(), "an idle adaptive reactor sleeps");

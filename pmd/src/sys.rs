@@ -134,7 +134,8 @@ impl Mapping {
     /// Fails with ENOMEM when not enough hugepages are reserved.
     pub fn hugepages(len: usize) -> io::Result<Self> {
         debug_assert_eq!(len % HUGEPAGE_SIZE, 0);
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE;
+        let flags =
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE;
         Self::map(len, flags, true)
     }
 
@@ -146,9 +147,7 @@ impl Mapping {
 
     fn map(len: usize, flags: libc::c_int, huge: bool) -> io::Result<Self> {
         // SAFETY: anonymous mapping with no address hint; the kernel picks a fresh range.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }

@@ -144,7 +144,11 @@ impl CrashDev {
         {
             let mut st = self.lock();
             if st.channel_open {
-                return Err(BdevError::invalid(self_bdev.name(), "channel", "a crash bdev serves one channel at a time".into()));
+                return Err(BdevError::invalid(
+                    self_bdev.name(),
+                    "channel",
+                    "a crash bdev serves one channel at a time".into(),
+                ));
             }
             st.channel_open = true;
         }
@@ -258,7 +262,12 @@ impl CrashChannel {
                 }
                 drop(st);
                 if io.fua {
-                    self.writeback.push_back(Wb::Write { start: io.offset_blocks, versions: written, fua: true, then: Some(io) });
+                    self.writeback.push_back(Wb::Write {
+                        start: io.offset_blocks,
+                        versions: written,
+                        fua: true,
+                        then: Some(io),
+                    });
                 } else {
                     self.done.push(Completion::of(io, Ok(())));
                 }
@@ -452,7 +461,12 @@ pub fn create(registry: &BdevRegistry, config: &CrashConfig) -> Result<Arc<Bdev>
         cuts: 0,
         last_cut: (0, 0),
     };
-    let dev = CrashDev { base: base.clone(), hold: Mutex::new(Some((desc, claim))), state: Mutex::new(state), config: config.clone() };
+    let dev = CrashDev {
+        base: base.clone(),
+        hold: Mutex::new(Some((desc, claim))),
+        state: Mutex::new(state),
+        config: config.clone(),
+    };
     let bdev = Bdev::new(&config.name, config.uuid, base.block_size(), base.num_blocks(), super::Backend::Crash(dev))?;
     registry.register(bdev)
 }

@@ -126,8 +126,8 @@ impl ErrorDev {
         &self.base
     }
 
-    pub(crate) fn config(&self) -> ErrorConfig {
-        self.config.clone()
+    pub(crate) fn config(&self, bdev: &Bdev) -> ErrorConfig {
+        ErrorConfig { uuid: Some(bdev.uuid()), ..self.config.clone() }
     }
 
     pub(crate) fn release(&self) {
@@ -274,7 +274,12 @@ pub fn create(registry: &BdevRegistry, config: &ErrorConfig) -> Result<Arc<Bdev>
     let base = registry.get(&config.base_name)?;
     let desc = registry.open(&config.base_name, true)?;
     let claim = base.claim(&name)?;
-    let dev = ErrorDev { base: base.clone(), hold: Mutex::new(Some((desc, claim))), rules: Mutex::new(Vec::new()), config: config.clone() };
+    let dev = ErrorDev {
+        base: base.clone(),
+        hold: Mutex::new(Some((desc, claim))),
+        rules: Mutex::new(Vec::new()),
+        config: config.clone(),
+    };
     let bdev = Bdev::new(&name, config.uuid, base.block_size(), base.num_blocks(), super::Backend::Error(dev))?;
     registry.register(bdev)
 }
@@ -283,7 +288,11 @@ pub fn create(registry: &BdevRegistry, config: &ErrorConfig) -> Result<Arc<Bdev>
 pub fn inject(registry: &BdevRegistry, config: &InjectConfig) -> Result<(), BdevError> {
     let bdev = registry.get(&config.name)?;
     let super::Backend::Error(dev) = &bdev.backend else {
-        return Err(BdevError::WrongKind { name: config.name.clone(), kind: bdev.backend.kind(), expected: "error".into() });
+        return Err(BdevError::WrongKind {
+            name: config.name.clone(),
+            kind: bdev.backend.kind(),
+            expected: "error".into(),
+        });
     };
     let mut rules = dev.rules.lock().unwrap_or_else(|p| p.into_inner());
     if config.error_type == InjectKind::Clear {
@@ -291,8 +300,18 @@ pub fn inject(registry: &BdevRegistry, config: &InjectConfig) -> Result<(), Bdev
         return Ok(());
     }
     if config.num == 0 {
-        return Err(BdevError::invalid(&config.name, "num", "must be at least 1 (use error_type \"clear\" to remove rules)".into()));
+        return Err(BdevError::invalid(
+            &config.name,
+            "num",
+            "must be at least 1 (use error_type \"clear\" to remove rules)".into(),
+        ));
     }
-    rules.push(Rule { io_type: config.io_type, kind: config.error_type, remaining: config.num, skip: config.skip, torn_blocks: config.torn_blocks });
+    rules.push(Rule {
+        io_type: config.io_type,
+        kind: config.error_type,
+        remaining: config.num,
+        skip: config.skip,
+        torn_blocks: config.torn_blocks,
+    });
     Ok(())
 }

@@ -25,7 +25,12 @@ pub struct MallocConfig {
 
 impl MallocConfig {
     pub(crate) fn of(bdev: &Bdev) -> Self {
-        Self { name: bdev.name().into(), num_blocks: bdev.num_blocks(), block_size: bdev.block_size(), uuid: Some(bdev.uuid()) }
+        Self {
+            name: bdev.name().into(),
+            num_blocks: bdev.num_blocks(),
+            block_size: bdev.block_size(),
+            uuid: Some(bdev.uuid()),
+        }
     }
 }
 

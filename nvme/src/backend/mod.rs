@@ -14,9 +14,9 @@ pub mod uring;
 
 use std::sync::Arc;
 
+use crate::BdevConfig;
 use crate::bdev::{Bdev, Completion, Io, IoType};
 use crate::error::BdevError;
-use crate::BdevConfig;
 
 pub(crate) enum Backend {
     Null(null::NullDev),
@@ -61,7 +61,7 @@ impl Backend {
             Backend::Null(_) => BdevConfig::Null(null::NullConfig::of(bdev)),
             Backend::Malloc(_) => BdevConfig::Malloc(malloc::MallocConfig::of(bdev)),
             Backend::Uring(d) => BdevConfig::Uring(d.config(bdev)),
-            Backend::Error(d) => BdevConfig::Error(d.config()),
+            Backend::Error(d) => BdevConfig::Error(d.config(bdev)),
             Backend::Crash(d) => BdevConfig::Crash(d.config(bdev)),
         }
     }

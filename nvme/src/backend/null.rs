@@ -24,7 +24,12 @@ pub struct NullConfig {
 
 impl NullConfig {
     pub(crate) fn of(bdev: &Bdev) -> Self {
-        Self { name: bdev.name().into(), num_blocks: bdev.num_blocks(), block_size: bdev.block_size(), uuid: Some(bdev.uuid()) }
+        Self {
+            name: bdev.name().into(),
+            num_blocks: bdev.num_blocks(),
+            block_size: bdev.block_size(),
+            uuid: Some(bdev.uuid()),
+        }
     }
 }
 
@@ -44,6 +49,7 @@ impl NullChannel {
 
 /// Creates a null bdev.
 pub fn create(registry: &BdevRegistry, config: &NullConfig) -> Result<Arc<Bdev>, BdevError> {
-    let bdev = Bdev::new(&config.name, config.uuid, config.block_size, config.num_blocks, super::Backend::Null(NullDev))?;
+    let bdev =
+        Bdev::new(&config.name, config.uuid, config.block_size, config.num_blocks, super::Backend::Null(NullDev))?;
     registry.register(bdev)
 }

@@ -57,7 +57,10 @@ pub struct BdevChannel {
 
 impl std::fmt::Debug for BdevChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BdevChannel").field("bdev", &self.desc.bdev().name()).field("outstanding", &self.outstanding).finish()
+        f.debug_struct("BdevChannel")
+            .field("bdev", &self.desc.bdev().name())
+            .field("outstanding", &self.outstanding)
+            .finish()
     }
 }
 
@@ -191,7 +194,11 @@ impl BdevChannel {
                 }
                 SlotState::TimedOut => {} // already reported; the buffers are freed here
                 SlotState::Free => {
-                    tracing::error!(bdev = self.desc.bdev().name(), slot = index, "backend completed an I/O twice; dropped");
+                    tracing::error!(
+                        bdev = self.desc.bdev().name(),
+                        slot = index,
+                        "backend completed an I/O twice; dropped"
+                    );
                     continue;
                 }
             }
@@ -239,7 +246,12 @@ impl BdevChannel {
             if expired(slot) {
                 slot.state = SlotState::TimedOut;
                 self.stats.record_timeout();
-                tracing::warn!(bdev = self.desc.bdev().name(), op = slot.op.as_str(), timeout_ns = timeout, "I/O timed out; aborting it");
+                tracing::warn!(
+                    bdev = self.desc.bdev().name(),
+                    op = slot.op.as_str(),
+                    timeout_ns = timeout,
+                    "I/O timed out; aborting it"
+                );
                 out.push(Completion { tag: slot.tag, op: slot.op, status: Err(IoError::TimedOut), bufs: IoBufs::None });
                 self.backend.abort(index as u64);
             }

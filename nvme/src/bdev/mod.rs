@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 pub use channel::BdevChannel;
 pub use io::{Completion, Io, IoBufs, IoError, IoType};
 
+use crate::BdevConfig;
 use crate::backend::Backend;
 use crate::error::BdevError;
 use crate::stats::{BdevStats, StatsSnapshot};
-use crate::BdevConfig;
 
 /// A block device. See the module docs.
 pub struct Bdev {
@@ -46,7 +46,11 @@ impl std::fmt::Debug for Bdev {
 /// Checks a block size: a power of two from 512 bytes to 64 KiB.
 pub(crate) fn check_block_size(name: &str, block_size: u32) -> Result<(), BdevError> {
     if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
-        return Err(BdevError::invalid(name, "block_size", format!("{block_size} is not a power of two from 512 to 65536")));
+        return Err(BdevError::invalid(
+            name,
+            "block_size",
+            format!("{block_size} is not a power of two from 512 to 65536"),
+        ));
     }
     Ok(())
 }
@@ -60,7 +64,11 @@ impl Bdev {
         backend: Backend,
     ) -> Result<Self, BdevError> {
         if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control() || c == '/') {
-            return Err(BdevError::invalid(name, "name", "must be 1 to 255 characters, without '/' or control characters".into()));
+            return Err(BdevError::invalid(
+                name,
+                "name",
+                "must be 1 to 255 characters, without '/' or control characters".into(),
+            ));
         }
         check_block_size(name, block_size)?;
         if num_blocks == 0 {
@@ -225,11 +233,21 @@ impl BdevRegistry {
             return Err(BdevError::Exists(bdev.name));
         }
         if let Some(b) = bdevs.iter().find(|b| b.uuid == bdev.uuid) {
-            return Err(BdevError::invalid(&bdev.name, "uuid", format!("{} is already the UUID of bdev {:?}", bdev.uuid, b.name)));
+            return Err(BdevError::invalid(
+                &bdev.name,
+                "uuid",
+                format!("{} is already the UUID of bdev {:?}", bdev.uuid, b.name),
+            ));
         }
         let bdev = Arc::new(bdev);
         bdevs.push(bdev.clone());
-        tracing::info!(name = bdev.name, product = bdev.product_name(), blocks = bdev.num_blocks, block_size = bdev.block_size, "bdev created");
+        tracing::info!(
+            name = bdev.name,
+            product = bdev.product_name(),
+            blocks = bdev.num_blocks,
+            block_size = bdev.block_size,
+            "bdev created"
+        );
         Ok(bdev)
     }
 
@@ -274,7 +292,11 @@ impl BdevRegistry {
         let bdev = &bdevs[i];
         if let Some(kind) = kind {
             if bdev.backend.kind() != kind {
-                return Err(BdevError::WrongKind { name: name.to_string(), kind: bdev.backend.kind(), expected: kind.to_string() });
+                return Err(BdevError::WrongKind {
+                    name: name.to_string(),
+                    kind: bdev.backend.kind(),
+                    expected: kind.to_string(),
+                });
             }
         }
         if let Some(by) = bdev.claimed_by() {

@@ -127,7 +127,8 @@ impl Methods {
             let f = f.clone();
             Box::pin(async move {
                 let result = f(decoded?).await?;
-                serde_json::to_value(result).map_err(|e| RpcError::internal(format!("serializing the result failed: {e}")))
+                serde_json::to_value(result)
+                    .map_err(|e| RpcError::internal(format!("serializing the result failed: {e}")))
             })
         });
         let mut schema = serde_json::to_value(schemars::schema_for!(P)).unwrap_or(Value::Null);
@@ -170,7 +171,9 @@ impl Methods {
             )),
             (Allowed::Runtime, false) => Err(RpcError::new(
                 codes::INVALID_STATE,
-                format!("{name} may only be called after the framework is initialized: call framework_start_init first"),
+                format!(
+                    "{name} may only be called after the framework is initialized: call framework_start_init first"
+                ),
             )),
             _ => Ok(()),
         }
@@ -327,8 +330,7 @@ mod tests {
         let arr = batch.as_array().unwrap();
         assert_eq!(arr.len(), 2);
         assert_eq!(arr[1]["error"]["code"], codes::INVALID_REQUEST);
-        assert_eq!(block(m.handle(json!([])))
-            .unwrap()["error"]["code"], codes::INVALID_REQUEST);
+        assert_eq!(block(m.handle(json!([]))).unwrap()["error"]["code"], codes::INVALID_REQUEST);
     }
 
     #[test]

@@ -19,5 +19,7 @@ mod protocol;
 mod server;
 
 pub use methods::{Allowed, FrameworkState, HandlerFuture, Methods, NoParams, decode_params};
-pub use protocol::{FrameError, FrameReader, Request, RpcError, codes, kind, parse_request, request, response_err, response_ok};
+pub use protocol::{
+    FrameError, FrameReader, Request, RpcError, codes, kind, parse_request, request, response_err, response_ok,
+};
 pub use server::{DEFAULT_MAX_REQUEST, DEFAULT_SOCKET, RpcServer, ServerError, serve_connection};

@@ -84,33 +84,53 @@ pub struct Request {
 /// one could be read) and the error.
 pub fn parse_request(value: Value) -> Result<Request, (Value, RpcError)> {
     let Value::Object(mut obj) = value else {
-        return Err((Value::Null, RpcError::invalid_request(format!("a request must be a JSON object, not {}", kind(&value)))));
+        return Err((
+            Value::Null,
+            RpcError::invalid_request(format!("a request must be a JSON object, not {}", kind(&value))),
+        ));
     };
     let id = obj.remove("id");
     let reply_id = id.clone().unwrap_or(Value::Null);
     match &id {
         None | Some(Value::Null | Value::String(_) | Value::Number(_)) => {}
         Some(other) => {
-            return Err((Value::Null, RpcError::invalid_request(format!("id must be a string, number or null, not {}", kind(other)))));
+            return Err((
+                Value::Null,
+                RpcError::invalid_request(format!("id must be a string, number or null, not {}", kind(other))),
+            ));
         }
     }
     match obj.get("jsonrpc") {
         Some(Value::String(v)) if v == "2.0" => {}
-        Some(other) => return Err((reply_id, RpcError::invalid_request(format!("jsonrpc must be \"2.0\", not {other}")))),
+        Some(other) => {
+            return Err((reply_id, RpcError::invalid_request(format!("jsonrpc must be \"2.0\", not {other}"))));
+        }
         None => return Err((reply_id, RpcError::invalid_request("missing member \"jsonrpc\": \"2.0\""))),
     }
     let method = match obj.remove("method") {
         Some(Value::String(m)) => m,
-        Some(other) => return Err((reply_id, RpcError::invalid_request(format!("method must be a string, not {}", kind(&other))))),
+        Some(other) => {
+            return Err((reply_id, RpcError::invalid_request(format!("method must be a string, not {}", kind(&other)))));
+        }
         None => return Err((reply_id, RpcError::invalid_request("missing member \"method\""))),
     };
     let params = match obj.remove("params") {
         None | Some(Value::Null) => None,
         Some(p @ Value::Object(_)) => Some(p),
         Some(Value::Array(_)) => {
-            return Err((reply_id, RpcError::invalid_params(format!("{method}: positional (array) params are not supported; pass an object"))));
+            return Err((
+                reply_id,
+                RpcError::invalid_params(format!(
+                    "{method}: positional (array) params are not supported; pass an object"
+                )),
+            ));
         }
-        Some(other) => return Err((reply_id, RpcError::invalid_params(format!("{method}: params must be an object, not {}", kind(&other))))),
+        Some(other) => {
+            return Err((
+                reply_id,
+                RpcError::invalid_params(format!("{method}: params must be an object, not {}", kind(&other))),
+            ));
+        }
     };
     Ok(Request { id, method, params })
 }
@@ -244,7 +264,11 @@ mod tests {
             (json!({"jsonrpc": "2.0", "method": 3, "id": 1}), codes::INVALID_REQUEST, "method must be a string"),
             (json!({"jsonrpc": "2.0", "method": "m", "id": {}}), codes::INVALID_REQUEST, "id must be"),
             (json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": [1]}), codes::INVALID_PARAMS, "positional"),
-            (json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": 5}), codes::INVALID_PARAMS, "must be an object"),
+            (
+                json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": 5}),
+                codes::INVALID_PARAMS,
+                "must be an object",
+            ),
         ];
         for (value, code, text) in cases {
             let (_, err) = parse_request(value.clone()).unwrap_err();

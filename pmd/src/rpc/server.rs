@@ -157,7 +157,10 @@ pub async fn serve_connection(mut stream: UnixStream, methods: &Methods, limit: 
         match stream.read(&mut buf).await {
             Ok(0) => {
                 if frames.pending() > 0 {
-                    tracing::warn!(bytes = frames.pending(), "control client disconnected in the middle of a request; it was dropped");
+                    tracing::warn!(
+                        bytes = frames.pending(),
+                        "control client disconnected in the middle of a request; it was dropped"
+                    );
                 }
                 return;
             }

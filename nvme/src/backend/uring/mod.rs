@@ -12,7 +12,7 @@ mod ring;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use io_uring::{opcode, squeue, types};
 use pmd::IoChannel;
@@ -89,21 +89,36 @@ impl Default for UringOptions {
     }
 }
 
-/// Sets the ring options. Refused once a ring exists.
+/// The options set before initialisation.
+static OPTIONS: Mutex<Option<UringOptions>> = Mutex::new(None);
+/// The options in force, fixed by [`freeze_options`] or the first ring.
+static FROZEN: OnceLock<UringOptions> = OnceLock::new();
+
+/// Fixes the ring options (at framework initialisation, or when the first
+/// ring is created) and returns them.
+pub fn freeze_options() -> UringOptions {
+    *FROZEN.get_or_init(|| OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default())
+}
+
+/// Sets the ring options. Refused once they are fixed.
 pub fn set_options(options: UringOptions) -> Result<(), BdevError> {
     if !(1..=32768).contains(&options.queue_depth) || !options.queue_depth.is_power_of_two() {
-        return Err(BdevError::invalid("(uring options)", "queue_depth", format!("{} is not a power of two from 1 to 32768", options.queue_depth)));
+        return Err(BdevError::invalid(
+            "(uring options)",
+            "queue_depth",
+            format!("{} is not a power of two from 1 to 32768", options.queue_depth),
+        ));
     }
-    if let Some(current) = ring::frozen_options() {
-        return Err(BdevError::TooLate(format!("io_uring options are fixed once the first ring exists (they are {current:?})")));
+    if let Some(current) = FROZEN.get() {
+        return Err(BdevError::TooLate(format!("io_uring options are fixed at initialisation (they are {current:?})")));
     }
-    *ring::OPTIONS.lock().unwrap_or_else(|p| p.into_inner()) = Some(options);
+    *OPTIONS.lock().unwrap_or_else(|p| p.into_inner()) = Some(options);
     Ok(())
 }
 
 /// The ring options in force (or to be).
 pub fn options() -> UringOptions {
-    ring::frozen_options().unwrap_or_else(|| ring::OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default())
+    FROZEN.get().copied().unwrap_or_else(|| OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default())
 }
 
 pub(crate) struct UringDev {
@@ -168,10 +183,20 @@ impl UringChannel {
                     let ptr = unsafe { buf.as_mut_ptr().add(req.done) };
                     let fixed = ring.fixed_buffer(region);
                     match (io.op, fixed) {
-                        (IoType::Read, Some(i)) => with_file!(|f| opcode::ReadFixed::new(f, ptr, len as u32, i).offset(offset).build()),
-                        (IoType::Read, None) => with_file!(|f| opcode::Read::new(f, ptr, len as u32).offset(offset).build()),
-                        (_, Some(i)) => with_file!(|f| opcode::WriteFixed::new(f, ptr, len as u32, i).offset(offset).rw_flags(rw_flags).build()),
-                        (_, None) => with_file!(|f| opcode::Write::new(f, ptr, len as u32).offset(offset).rw_flags(rw_flags).build()),
+                        (IoType::Read, Some(i)) => {
+                            with_file!(|f| opcode::ReadFixed::new(f, ptr, len as u32, i).offset(offset).build())
+                        }
+                        (IoType::Read, None) => {
+                            with_file!(|f| opcode::Read::new(f, ptr, len as u32).offset(offset).build())
+                        }
+                        (_, Some(i)) => with_file!(|f| opcode::WriteFixed::new(f, ptr, len as u32, i)
+                            .offset(offset)
+                            .rw_flags(rw_flags)
+                            .build()),
+                        (_, None) => with_file!(|f| opcode::Write::new(f, ptr, len as u32)
+                            .offset(offset)
+                            .rw_flags(rw_flags)
+                            .build()),
                     }
                 } else {
                     req.iovecs.clear();
@@ -312,7 +337,11 @@ fn make(registry: &BdevRegistry, config: &UringConfig, backing: Backing) -> Resu
     let block_size = config.block_size.unwrap_or_else(|| backing.min_block.max(4096));
     crate::bdev::check_block_size(&config.name, block_size)?;
     if backing.min_block > 0 && block_size % backing.min_block != 0 {
-        return Err(BdevError::BlockSizeAlignment { path: config.filename.clone(), block_size, align: backing.min_block });
+        return Err(BdevError::BlockSizeAlignment {
+            path: config.filename.clone(),
+            block_size,
+            align: backing.min_block,
+        });
     }
     if backing.size % block_size as u64 != 0 {
         return Err(BdevError::SizeNotMultiple { path: config.filename.clone(), size: backing.size, block_size });

@@ -21,12 +21,11 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use io_uring::{IoUring, squeue};
 use pmd::{Armed, EventFd, IoChannel, IoDevice, WakeSource, WeakIoChannel};
 
-use super::UringOptions;
 use crate::bdev::Io;
 use crate::error::BdevError;
 
@@ -36,14 +35,6 @@ const FILE_SLOTS: u32 = 256;
 const BUFFER_SLOTS: u32 = 1024;
 /// Marks `user_data` of cancel requests, whose completions are ignored.
 const CANCEL_BIT: u64 = 1 << 63;
-
-/// The process-wide options in force, frozen when the first ring is created.
-pub(super) static OPTIONS: Mutex<Option<UringOptions>> = Mutex::new(None);
-static FROZEN: OnceLock<UringOptions> = OnceLock::new();
-
-pub(super) fn frozen_options() -> Option<UringOptions> {
-    FROZEN.get().copied()
-}
 
 /// The io device whose per-reactor channel is the ring.
 pub(crate) struct RingDevice;
@@ -90,7 +81,7 @@ impl IoDevice for RingDevice {
     type Error = BdevError;
 
     fn create_channel(self: &Arc<Self>, ctx: &mut pmd::Ctx<'_>) -> Result<Ring, BdevError> {
-        let opts = *FROZEN.get_or_init(|| OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default());
+        let opts = super::freeze_options();
         let err = |action| move |source| BdevError::Uring { action, source };
         let mut builder = IoUring::builder();
         builder.setup_cqsize(opts.queue_depth * 2);
@@ -117,13 +108,19 @@ impl IoDevice for RingDevice {
         } else {
             Fixed::Refused
         };
-        let waker = Rc::new(RingWaker { efd: EventFd::new().map_err(err("creating an eventfd"))?, ring: Default::default() });
+        let waker =
+            Rc::new(RingWaker { efd: EventFd::new().map_err(err("creating an eventfd"))?, ring: Default::default() });
         submitter.register_eventfd(waker.efd.as_raw_fd()).map_err(err("registering the eventfd"))?;
         let mut uring = uring;
         uring.completion().disable_eventfd();
         ctx.register_wake_source(waker.clone()).map_err(err("adding the eventfd to the reactor"))?;
         let capacity = uring.completion().capacity();
-        tracing::debug!(reactor = ctx.reactor_id(), depth = opts.queue_depth, sqpoll = opts.sqpoll, "io_uring ring created");
+        tracing::debug!(
+            reactor = ctx.reactor_id(),
+            depth = opts.queue_depth,
+            sqpoll = opts.sqpoll,
+            "io_uring ring created"
+        );
         Ok(Ring {
             uring,
             waker,
@@ -161,7 +158,10 @@ impl Ring {
             Some(i) => i,
             None => {
                 if self.routes.len() >= u16::MAX as usize {
-                    return Err(BdevError::Uring { action: "attaching a channel", source: std::io::Error::other("too many channels on one ring") });
+                    return Err(BdevError::Uring {
+                        action: "attaching a channel",
+                        source: std::io::Error::other("too many channels on one ring"),
+                    });
                 }
                 self.routes.push(Route::Free);
                 self.routes.len() - 1
@@ -212,7 +212,10 @@ impl Ring {
             match unsafe { self.uring.submitter().register_buffers_update(index, &[iov], None) } {
                 Ok(()) => *state = Fixed::Registered,
                 Err(e) => {
-                    tracing::info!(region = index, "io_uring: registering a DMA region failed ({e}); it is used unregistered");
+                    tracing::info!(
+                        region = index,
+                        "io_uring: registering a DMA region failed ({e}); it is used unregistered"
+                    );
                     *state = Fixed::Refused;
                 }
             }
@@ -318,7 +321,10 @@ impl Drop for Ring {
             self.reap();
         }
         if !self.graveyard.is_empty() {
-            tracing::error!(requests = self.graveyard.len(), "io_uring requests still in the kernel at ring teardown; their buffers are leaked");
+            tracing::error!(
+                requests = self.graveyard.len(),
+                "io_uring requests still in the kernel at ring teardown; their buffers are leaked"
+            );
             for (_, entry) in self.graveyard.drain() {
                 std::mem::forget(entry);
             }

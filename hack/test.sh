@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this).
+# Ends with one line: "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+hack/deps.sh test || exit 1
+export CARGO_TERM_COLOR=never
+
+passed=0
+failed=0
+count() { passed=$((passed + $1)); failed=$((failed + $2)); }
+
+# Unit, integration and end-to-end tests, each in its own process.
+cargo nextest run --workspace --profile ci
+junit=target/nextest/ci/junit.xml
+if [ -f "$junit" ]; then
+  read -r t f e < <(python3 - "$junit" <<'PY'
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+print(r.get("tests", 0), r.get("failures", 0), r.get("errors", 0))
+PY
+)
+  count $((t - f - e)) $((f + e))
+else
+  echo "hack/test.sh: nextest produced no report (the build failed?)" >&2
+  count 0 1
+fi
+
+# Documentation examples.
+doc=$(cargo test --workspace --doc 2>&1 | tee /dev/stderr | grep -E '^test result:')
+count "$(echo "$doc" | awk '{s+=$4} END {print s+0}')" "$(echo "$doc" | awk '{s+=$6} END {print s+0}')"
+
+# The README's main job, once.
+if CLAUDEFS_SOCKET=/tmp/claudefs-smoke.sock hack/run.sh --once; then count 1 0; else echo "FAILED: hack/run.sh --once" >&2; count 0 1; fi
+
+# Fuzz targets, briefly (the corpus grows in hack/fuzz.sh runs of any length).
+if hack/fuzz.sh 20; then count 1 0; else echo "FAILED: hack/fuzz.sh" >&2; count 0 1; fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
