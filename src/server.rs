@@ -28,6 +28,9 @@ pub struct ServerArgs {
     /// Reactor idle policy: adaptive (sleep when idle) or always (poll without pause).
     #[arg(long, default_value = "adaptive")]
     pub idle: IdlePolicy,
+    /// Under the adaptive policy, microseconds without work before a reactor sleeps.
+    #[arg(long, default_value_t = 200)]
+    pub spin_us: u64,
     /// DMA memory: auto (hugepages if reserved), require, or never.
     #[arg(long, default_value = "auto", value_parser = parse_hugepages)]
     pub hugepages: HugepageMode,
@@ -52,19 +55,20 @@ pub fn parse_hugepages(s: &str) -> Result<HugepageMode, String> {
 pub fn start_runtime(
     mask: &str,
     idle: IdlePolicy,
+    spin_us: u64,
     hugepages: HugepageMode,
     mem_size_mib: Option<u64>,
 ) -> anyhow::Result<(Runtime, CoreMask)> {
     let mask = CoreMask::parse_available(mask)?;
     pmd::dma::init(DmaOptions { hugepages, max_bytes: mem_size_mib.map(|m| m << 20) })?;
-    let runtime = Runtime::start(RuntimeOptions { mask: mask.clone(), idle, ..Default::default() })?;
+    let runtime = Runtime::start(RuntimeOptions { mask: mask.clone(), idle, spin_us, ..Default::default() })?;
     Ok((runtime, mask))
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Check everything that can be checked before anything starts.
     let calls = args.config.as_deref().map(read_config).transpose()?;
-    let (runtime, mask) = start_runtime(&args.mask, args.idle, args.hugepages, args.mem_size_mib)?;
+    let (runtime, mask) = start_runtime(&args.mask, args.idle, args.spin_us, args.hugepages, args.mem_size_mib)?;
     let app = App::new(runtime.reactors().clone(), mask, args.idle);
     let methods = crate::methods::build(&app);
     let rt =

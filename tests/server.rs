@@ -488,6 +488,39 @@ fn bdevperf_verifies_every_byte_and_fails_loudly_on_corruption() {
 }
 
 #[test]
+fn bdevperf_verifies_a_uring_bdev_with_sqpoll_and_without_fixed_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    for options in [json!({"sqpoll": true, "queue_depth": 64}), json!({"fixed_buffers": false})] {
+        let cfg = dir.path().join("c.json");
+        std::fs::write(&cfg, json!([
+            {"method": "bdev_uring_set_options", "params": options},
+            {"method": "framework_start_init"},
+            {"method": "bdev_uring_create", "params": {"name": "U0", "filename": dir.path().join("u.img"), "size": 16 << 20}},
+        ]).to_string()).unwrap();
+        let out = claudefs(&[
+            "bdevperf",
+            "-c",
+            cfg.to_str().unwrap(),
+            "-q",
+            "32",
+            "-o",
+            "16k",
+            "-w",
+            "verify",
+            "-t",
+            "1",
+            "--json",
+            "--hugepages",
+            "never",
+        ]);
+        assert!(out.status.success(), "{options}: {}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(report["jobs"][0]["ios"].as_u64().unwrap() > 100, "{options}: {report}");
+        std::fs::remove_file(dir.path().join("u.img")).unwrap();
+    }
+}
+
+#[test]
 fn bdevperf_runs_every_workload_on_several_cores() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.json");

@@ -196,3 +196,46 @@ fn ring_options_are_fixed_once_a_ring_exists() {
     let bad = uring::UringOptions { queue_depth: 3, ..Default::default() };
     assert!(uring::set_options(bad).unwrap_err().to_string().contains("queue_depth"));
 }
+
+#[test]
+fn a_sleeping_reactor_is_woken_by_io_uring_completions() {
+    // An adaptive reactor that sleeps as soon as it is idle: every read below
+    // completes while it sleeps, so a lost wake-up would cost a timer tick or more.
+    let dir = tempfile::tempdir().unwrap();
+    let registry = nvme::BdevRegistry::new();
+    uring::create(&registry, &config("u0", &image(&dir, "u0.img"), Some(1 << 20))).unwrap();
+    {
+        // Written blocks: O_DIRECT reads of holes complete inline, without the device.
+        let mut h = Harness { registry: registry.clone(), ..Harness::new() };
+        let mut ch = h.channel("u0", true);
+        h.write(&mut ch, 0, &pattern(1, 1 << 20)).unwrap();
+        h.flush(&mut ch).unwrap();
+    }
+    let desc = registry.open("u0", false).unwrap();
+    let rt = pmd::Runtime::start(pmd::RuntimeOptions { spin_us: 0, pin: false, ..Default::default() }).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.reactors()[0].send(move |ctx| {
+        let mut ch = desc.channel(ctx).unwrap();
+        let mut left = 500u32;
+        let mut done = Vec::new();
+        let start = std::time::Instant::now();
+        ch.submit(0, Io::read(0, DmaBuf::new(4096).unwrap(), 0));
+        ctx.register_poller("reader", 0, move |ctx| {
+            done.clear();
+            if ch.poll(ctx.now(), &mut done) == 0 {
+                return ch.idle_status();
+            }
+            assert!(done[0].status.is_ok());
+            left -= 1;
+            if left == 0 {
+                let _ = tx.send(start.elapsed());
+            } else {
+                ch.submit(ctx.now(), Io::read(left as u64 % 256, DmaBuf::new(4096).unwrap(), 0));
+            }
+            pmd::PollStatus::Busy
+        });
+    });
+    let elapsed = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("500 reads finish");
+    assert!(elapsed < std::time::Duration::from_secs(2), "500 reads took {elapsed:?}: wake-ups are being lost");
+    assert!(rt.reactors()[0].stats().sleep_ns > 0, "the reactor did sleep between reads");
+}

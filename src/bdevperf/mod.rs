@@ -90,6 +90,9 @@ pub struct Args {
     /// Reactor idle policy (a benchmark polls without pause).
     #[arg(long, default_value = "always")]
     idle: IdlePolicy,
+    /// Under the adaptive policy, microseconds without work before a reactor sleeps.
+    #[arg(long, default_value_t = 200)]
+    spin_us: u64,
     /// DMA memory: auto, require or never hugepages.
     #[arg(long, default_value = "auto", value_parser = crate::server::parse_hugepages)]
     hugepages: HugepageMode,
@@ -123,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("-M is a percentage (0 to 100), not {}", args.rwmix);
     }
     let calls = read_config(&args.config)?;
-    let (runtime, mask) = crate::server::start_runtime(&args.mask, args.idle, args.hugepages, None)?;
+    let (runtime, mask) = crate::server::start_runtime(&args.mask, args.idle, args.spin_us, args.hugepages, None)?;
     let app = App::new(runtime.reactors().clone(), mask, args.idle);
     let methods = crate::methods::build(&app);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -226,6 +229,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 struct Row {
     name: String,
+    secs: f64,
+    ios: u64,
     iops: f64,
     mibs: f64,
     fail_s: f64,
@@ -245,6 +250,8 @@ fn row(name: String, r: &[&JobResult]) -> Row {
     let avg_us = if ios > 0 { sum_ns as f64 / ios as f64 / 1000.0 } else { 0.0 };
     Row {
         name,
+        secs,
+        ios,
         iops: ios as f64 / secs,
         mibs: r.iter().map(|j| j.bytes).sum::<u64>() as f64 / secs / (1 << 20) as f64,
         fail_s: r.iter().map(|j| j.errors).sum::<u64>() as f64 / secs,
@@ -266,7 +273,7 @@ fn report(args: &Args, results: &[JobResult]) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|r| {
                 json!({
-                    "name": r.name, "iops": r.iops, "mib_per_s": r.mibs, "fail_per_s": r.fail_s, "timeout_per_s": r.to_s,
+                    "name": r.name, "elapsed_s": r.secs, "ios": r.ios, "iops": r.iops, "mib_per_s": r.mibs, "fail_per_s": r.fail_s, "timeout_per_s": r.to_s,
                     "avg_us": r.avg_us, "p50_us": us(r.latency.quantile(0.5)), "p99_us": us(r.latency.quantile(0.99)),
                     "p999_us": us(r.latency.quantile(0.999)), "max_us": us(r.latency.max()),
                 })

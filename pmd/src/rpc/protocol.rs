@@ -110,7 +110,10 @@ pub fn parse_request(value: Value) -> Result<Request, (Value, RpcError)> {
     let method = match obj.remove("method") {
         Some(Value::String(m)) => m,
         Some(other) => {
-            return Err((reply_id, RpcError::invalid_request(format!("method must be a string, not {}", kind(&other)))));
+            return Err((
+                reply_id,
+                RpcError::invalid_request(format!("method must be a string, not {}", kind(&other))),
+            ));
         }
         None => return Err((reply_id, RpcError::invalid_request("missing member \"method\""))),
     };
