@@ -39,7 +39,9 @@ pub mod stats;
 mod sys;
 
 pub use backend::{crash, error as error_bdev, malloc, null, uring};
-pub use bdev::{Bdev, BdevChannel, BdevDesc, BdevRegistry, Claim, Completion, Io, IoBufs, IoError, IoType};
+pub use bdev::{
+    Bdev, BdevChannel, BdevDesc, BdevRegistry, BufPart, Claim, Completion, Io, IoBufs, IoError, IoType, Segment,
+};
 pub use error::BdevError;
 
 /// The block size bdevs get when none is given.

@@ -342,6 +342,14 @@ impl DmaBuf {
         self.ptr.as_ptr()
     }
 
+    /// Raw pointer to the first byte without borrowing the contents, for a
+    /// buffer shared by several requests that each own a disjoint part of it
+    /// (`Arc<DmaBuf>`). Creates no reference to the bytes; whoever writes
+    /// through it must own the range written.
+    pub fn dma_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// The index of the pool region holding the buffer ([`region_info`]);
     /// `None` for buffers above 2 MiB, which have a mapping of their own.
     pub fn region(&self) -> Option<u32> {

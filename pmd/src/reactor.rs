@@ -39,6 +39,7 @@ use crossbeam_queue::SegQueue;
 
 use crate::channel::{IoChannel, IoDevice};
 use crate::sys::{Epoll, EventFd};
+use crate::task::{Executor, JoinHandle, joinable};
 
 /// Index of a reactor within its group (0-based, in core-mask order).
 pub type ReactorId = u32;
@@ -242,6 +243,24 @@ impl ReactorHandle {
         rx
     }
 
+    /// Runs the future that `f` makes as a task on the reactor and returns its
+    /// output through a oneshot channel (an error if the reactor stops first).
+    /// `f` is sent to the reactor; the future itself need not be `Send`.
+    pub fn spawn<T, Fut>(&self, f: impl FnOnce() -> Fut + Send + 'static) -> tokio::sync::oneshot::Receiver<T>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(move |ctx| {
+            let fut = f();
+            ctx.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+        });
+        rx
+    }
+
     /// Asks the reactor to stop after its current round.
     pub fn stop(&self) {
         self.send(|ctx| ctx.stop());
@@ -302,8 +321,15 @@ impl ReactorSeed {
 
     /// Builds the reactor (call this on the thread that will drive it).
     pub fn build(self) -> Reactor {
+        let shared = self.handle.shared.clone();
+        let executor = Executor::new(Box::new(move || {
+            if shared.sleeping.load(Ordering::SeqCst) {
+                shared.wake.notify();
+            }
+        }));
         Reactor {
             core: Core {
+                executor,
                 handle: self.handle,
                 now: 0,
                 pollers: Vec::new(),
@@ -322,6 +348,7 @@ impl ReactorSeed {
 
 /// The part of a reactor that pollers and messages may use, through [`Ctx`].
 struct Core {
+    executor: Executor,
     handle: ReactorHandle,
     now: u64,
     pollers: Vec<PollerSlot>,
@@ -411,7 +438,8 @@ impl Reactor {
             messages += 1;
         }
 
-        let mut busy = messages > 0;
+        let tasks = core.executor.run(now, budget);
+        let mut busy = messages > 0 || tasks > 0 || core.executor.has_ready();
         let mut waiting = false;
         let mut next_deadline: Option<u64> = None;
         // Pollers registered during this round first run in the next one.
@@ -477,9 +505,10 @@ impl Reactor {
                 let _ = ep.remove(src.fd());
             }
         }
-        let epoll = self.core.epoll()?;
+        self.core.epoll()?;
         shared.sleeping.store(true, Ordering::SeqCst);
-        if shared.inbox.is_empty() && !pending {
+        let epoll = self.core.epoll.as_ref().expect("created above");
+        if shared.inbox.is_empty() && !self.core.executor.has_ready() && !pending {
             let timeout_ms = timeout_ns.map_or(-1, |ns| ns.div_ceil(1_000_000).min(i32::MAX as u64) as i32);
             let start = crate::clock::now();
             let result = epoll.wait(timeout_ms);
@@ -622,6 +651,19 @@ impl Ctx<'_> {
         }
         self.core.wake_sources.push(src);
         Ok(())
+    }
+
+    /// Spawns a task on this reactor (see [`crate::task`]); it first runs in the
+    /// next round.
+    pub fn spawn<F: std::future::Future + 'static>(&mut self, future: F) -> JoinHandle<F::Output> {
+        let (task, handle) = joinable(future);
+        self.core.executor.spawn_boxed(task);
+        handle
+    }
+
+    /// Tasks spawned on this reactor and not finished.
+    pub fn live_tasks(&self) -> usize {
+        self.core.executor.live()
     }
 
     /// Asks the reactor to stop after this round.
