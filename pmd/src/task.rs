@@ -27,6 +27,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use crossbeam_queue::SegQueue;
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
+/// Tasks spawned from inside a running task, waiting to be adopted.
+type Spawned = Rc<RefCell<Vec<LocalFuture>>>;
 
 /// Where wakers put tasks that should run again. Shared with other threads.
 pub(crate) struct ReadyQueue {
@@ -63,13 +65,13 @@ pub(crate) struct Executor {
     free: Vec<u32>,
     ready: Arc<ReadyQueue>,
     /// Tasks spawned while another task runs, adopted after it returns.
-    spawned: Rc<RefCell<Vec<LocalFuture>>>,
+    spawned: Spawned,
     live: usize,
 }
 
 thread_local! {
     /// The executor whose task is being polled, and its reactor's `now`.
-    static CURRENT: RefCell<Option<(Rc<RefCell<Vec<LocalFuture>>>, u64)>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<(Spawned, u64)>> = const { RefCell::new(None) };
 }
 
 impl Executor {
