@@ -245,15 +245,19 @@ impl ReactorHandle {
 
     /// Runs the future that `f` makes as a task on the reactor and returns its
     /// output through a oneshot channel (an error if the reactor stops first).
-    /// `f` is sent to the reactor; the future itself need not be `Send`.
-    pub fn spawn<T, Fut>(&self, f: impl FnOnce() -> Fut + Send + 'static) -> tokio::sync::oneshot::Receiver<T>
+    /// `f` is sent to the reactor and called there with its context; the
+    /// future itself need not be `Send`.
+    pub fn spawn<T, Fut>(
+        &self,
+        f: impl FnOnce(&mut Ctx<'_>) -> Fut + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T>
     where
         T: Send + 'static,
         Fut: std::future::Future<Output = T> + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(move |ctx| {
-            let fut = f();
+            let fut = f(ctx);
             ctx.spawn(async move {
                 let _ = tx.send(fut.await);
             });
@@ -330,6 +334,7 @@ impl ReactorSeed {
         Reactor {
             core: Core {
                 executor,
+                locals: HashMap::new(),
                 handle: self.handle,
                 now: 0,
                 pollers: Vec::new(),
@@ -349,6 +354,7 @@ impl ReactorSeed {
 /// The part of a reactor that pollers and messages may use, through [`Ctx`].
 struct Core {
     executor: Executor,
+    locals: HashMap<(TypeId, u64), Rc<dyn Any>>,
     handle: ReactorHandle,
     now: u64,
     pollers: Vec<PollerSlot>,
@@ -661,6 +667,28 @@ impl Ctx<'_> {
         handle
     }
 
+    /// Keeps `value` on this reactor under (its type, `key`), e.g. the state of
+    /// a service whose home this reactor is. Replaces any previous value.
+    pub fn insert_local<T: 'static>(&mut self, key: u64, value: Rc<T>) {
+        self.core.locals.insert((TypeId::of::<T>(), key), value);
+    }
+
+    /// The value kept under (`T`, `key`), if any.
+    pub fn local<T: 'static>(&self, key: u64) -> Option<Rc<T>> {
+        self.core.locals.get(&(TypeId::of::<T>(), key)).cloned().and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// Removes and returns the value kept under (`T`, `key`).
+    pub fn remove_local<T: 'static>(&mut self, key: u64) -> Option<Rc<T>> {
+        self.core.locals.remove(&(TypeId::of::<T>(), key)).and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// This reactor's channel to `dev` if one exists (never creates one).
+    pub fn existing_io_channel<D: IoDevice>(&self, dev: &Arc<D>) -> Option<IoChannel<D::Channel>> {
+        let key = (Arc::as_ptr(dev) as *const () as usize, TypeId::of::<D>());
+        self.core.channels.get(&key).and_then(Weak::upgrade).map(IoChannel::from_any)
+    }
+
     /// Tasks spawned on this reactor and not finished.
     pub fn live_tasks(&self) -> usize {
         self.core.executor.live()
@@ -768,6 +796,26 @@ mod tests {
         r.poll(250, 1); // the 150 ns before were idle
         let s = r.handle().stats();
         assert_eq!((s.busy_ns, s.idle_ns, s.rounds), (100, 150, 3));
+    }
+
+    #[test]
+    fn locals_are_typed_and_keyed() {
+        let mut r = Reactor::group(1).pop().unwrap();
+        r.with_ctx(|ctx| {
+            ctx.insert_local(1, Rc::new(5u32));
+            ctx.insert_local(2, Rc::new(String::from("x")));
+            assert_eq!(ctx.local::<u32>(1).as_deref(), Some(&5));
+            assert!(ctx.local::<u32>(2).is_none(), "another type under key 2");
+            assert_eq!(ctx.remove_local::<String>(2).as_deref().map(String::as_str), Some("x"));
+            assert!(ctx.local::<String>(2).is_none());
+        });
+        let mut rx = r.handle().spawn(|ctx| {
+            let v = ctx.local::<u32>(1).map_or(0, |v| *v);
+            async move { v + 1 }
+        });
+        r.poll(0, 8);
+        r.poll(1, 8);
+        assert_eq!(rx.try_recv().unwrap(), 6);
     }
 
     #[test]

@@ -295,6 +295,9 @@ pub enum IoError {
     /// The device is gone (deleted, hot-removed or powered off).
     #[error("device removed")]
     Removed,
+    /// No space to allocate (a thin-provisioned device or blob ran out).
+    #[error("no space left")]
+    NoSpace,
 }
 
 impl IoError {
@@ -310,6 +313,7 @@ impl IoError {
             IoError::Unsupported => libc::EOPNOTSUPP,
             IoError::ReadOnly => libc::EROFS,
             IoError::Removed => libc::ENODEV,
+            IoError::NoSpace => libc::ENOSPC,
         }
     }
 }
