@@ -62,15 +62,17 @@ pub struct StoreStats {
 }
 
 impl Blobstore {
+    /// Opens and claims `bdev` for a store of `geometry` (from the format
+    /// options, or read from the store's super block).
     fn start(
         registry: &BdevRegistry,
         bdev: &str,
         home: ReactorHandle,
-        opts: &FormatOptions,
+        geometry: impl FnOnce(&nvme::BdevDesc) -> Result<crate::format::Geometry, BlobError>,
     ) -> Result<(Arc<StoreShared>, Claim), BlobError> {
         let desc = registry.open(bdev, true)?;
+        let geometry = geometry(&desc)?;
         let claim = desc.bdev().claim("blobstore")?;
-        let geometry = geometry_for(&desc, opts)?;
         Ok((StoreShared::new(desc, geometry, home), claim))
     }
 
@@ -81,7 +83,7 @@ impl Blobstore {
         home: ReactorHandle,
         opts: FormatOptions,
     ) -> Result<Blobstore, BlobError> {
-        let (shared, claim) = Self::start(registry, bdev, home, &opts)?;
+        let (shared, claim) = Self::start(registry, bdev, home, |desc| geometry_for(desc, &opts))?;
         let uuid = *uuid::Uuid::new_v4().as_bytes();
         let s = shared.clone();
         let up = shared.home.spawn(move |ctx| {
@@ -105,11 +107,7 @@ impl Blobstore {
         home: ReactorHandle,
     ) -> Result<(Blobstore, LoadReport), BlobError> {
         let geometry = read_geometry(registry, bdev, &home).await?;
-        let (shared, claim) = Self::start(registry, bdev, home, &FormatOptions::default()).map(|(s, c)| {
-            // Rebuild the shared part with the stored geometry.
-            let desc = s.desc.clone();
-            (StoreShared::new(desc, geometry, s.home.clone()), c)
-        })?;
+        let (shared, claim) = Self::start(registry, bdev, home, |_| Ok(geometry))?;
         let s = shared.clone();
         let name = bdev.to_string();
         let up = shared.home.spawn(move |ctx| {

@@ -190,11 +190,15 @@ struct Shared {
     stats: ReactorStats,
 }
 
+/// The reactors of a group, weakly (a handle holding the group must not keep
+/// itself alive through it).
+type Peers = Arc<std::sync::OnceLock<Vec<std::sync::Weak<Shared>>>>;
+
 /// A cheap, thread-safe handle to a reactor: send it messages, read its stats.
 #[derive(Clone)]
 pub struct ReactorHandle {
     shared: Arc<Shared>,
-    peers: Arc<std::sync::OnceLock<Arc<[ReactorHandle]>>>,
+    peers: Peers,
 }
 
 impl fmt::Debug for ReactorHandle {
@@ -280,14 +284,11 @@ impl ReactorHandle {
         self.shared.sleeping.load(Ordering::Relaxed)
     }
 
-    /// Another reactor of the same group, by id.
+    /// Another reactor of the same group, by id (`None` if there is no such
+    /// reactor, or it is gone).
     pub fn peer(&self, id: ReactorId) -> Option<ReactorHandle> {
-        self.peers.get().and_then(|p| p.get(id as usize)).cloned()
-    }
-
-    /// All reactors of the group, in id order.
-    pub fn group(&self) -> Arc<[ReactorHandle]> {
-        self.peers.get().cloned().unwrap_or_else(|| Arc::from(vec![self.clone()]))
+        let shared = self.peers.get()?.get(id as usize)?.upgrade()?;
+        Some(ReactorHandle { shared, peers: self.peers.clone() })
     }
 }
 
@@ -313,8 +314,7 @@ impl ReactorSeed {
             });
             handles.push(ReactorHandle { shared, peers: peers.clone() });
         }
-        let all: Arc<[ReactorHandle]> = Arc::from(handles.clone());
-        let _ = peers.set(all);
+        let _ = peers.set(handles.iter().map(|h| Arc::downgrade(&h.shared)).collect());
         Ok(handles.into_iter().map(|handle| ReactorSeed { handle }).collect())
     }
 

@@ -228,16 +228,18 @@ mod tests {
         assert_eq!(used, 3);
         write(&mut ring, &p);
         tail = t;
-        // 3 pages left before the end: a 2-page record fits, then the next wraps.
-        let (p, t, used) = layout(&[big(3), put(4, vec![3])], tail, RING, RING - 1 - 3, seed()).unwrap();
-        assert_eq!(used, 2 + 1 + 1, "the skipped last page counts");
-        assert_eq!(t, JournalPos { seq: 6, page: 1 });
+        // 3 pages left before the end: a 2-page record fits, the next 2-page one
+        // wraps (a marker, record 4, on the last page), then continues at page 0.
+        let (p, t, used) = layout(&[big(3), big(4)], tail, RING, RING - 1 - 3, seed()).unwrap();
+        assert_eq!(used, 2 + 1 + 2, "the skipped last page counts");
+        assert_eq!(t, JournalPos { seq: 6, page: 2 });
+        assert_eq!(p.iter().map(|x| x.page).collect::<Vec<_>>(), vec![13, 0]);
         write(&mut ring, &p);
         let mut s = state();
         let r = replay(&ring, JournalPos { seq: 1, page: 10 }, seed(), &mut s).unwrap();
-        assert_eq!((r.tail, r.records), (JournalPos { seq: 6, page: 1 }, 4));
+        assert_eq!((r.tail, r.records), (JournalPos { seq: 6, page: 2 }, 4));
         assert_eq!(s.blobs.len(), 4);
-        assert!(s.bitmap.get(3));
+        assert!(s.bitmap.get(2));
     }
 
     #[test]

@@ -716,17 +716,22 @@ impl Engine {
         Ok(out)
     }
 
-    /// Writes the last checkpoint, marked clean, and stops the journal writer.
+    /// Syncs every blob with unsynced changes, writes the last checkpoint,
+    /// marked clean, and stops the journal writer. Refused while blobs are open.
     pub async fn unload(self: &Rc<Self>) -> Result<(), BlobError> {
-        {
-            let mut inner = self.inner.borrow_mut();
+        let dirty: Vec<u64> = {
+            let inner = self.inner.borrow();
             let mut open: Vec<u64> = inner.blobs.values().filter(|b| b.open > 0).map(|b| b.shared.id()).collect();
             open.sort_unstable();
             if !open.is_empty() {
                 return Err(BlobError::Busy(open));
             }
-            inner.stopping = true;
+            inner.blobs.values().filter(|b| b.dirty).map(|b| b.shared.id()).collect()
+        };
+        for id in dirty {
+            self.sync_blob(id).await?;
         }
+        self.inner.borrow_mut().stopping = true;
         self.commit_wake.notify_one();
         self.committer_done.notified().await;
         self.barrier().await;
@@ -796,14 +801,25 @@ impl Engine {
         }
         let rx = {
             let mut inner = self.inner.borrow_mut();
+            // A bare allocation fits a durable blob that has this cluster unmapped;
+            // after an unsynced resize it does not, and the blob's whole live
+            // metadata (its pending changes included) goes in the record instead.
+            let bare = inner.durable.blobs.get(&blob).and_then(|d| d.clusters.get(cluster as usize)) == Some(&0);
             let Some(live) = inner.blobs.get_mut(&blob) else {
                 drop(inner);
                 self.unreserve(&[phys]);
                 return Err(BlobError::NoSuchBlob(blob));
             };
             live.md.clusters[cluster as usize] = phys;
+            let op = if bare {
+                Op::Alloc { blob, index: cluster, phys }
+            } else {
+                live.md.md_seq += 1;
+                live.dirty = false;
+                Op::PutBlob(live.md.clone())
+            };
             drop(inner);
-            self.enqueue(vec![Op::Alloc { blob, index: cluster, phys }])
+            self.enqueue(vec![op])
         };
         match rx.await.map_err(|_| BlobError::Unloaded).and_then(|r| r) {
             Ok(()) => {
@@ -814,6 +830,7 @@ impl Engine {
             Err(e) => {
                 if let Some(live) = self.inner.borrow_mut().blobs.get_mut(&blob) {
                     live.md.clusters[cluster as usize] = 0;
+                    live.dirty = true;
                 }
                 self.unreserve(&[phys]);
                 Err(e)

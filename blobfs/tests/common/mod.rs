@@ -19,6 +19,10 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(reactors: usize) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         Self { reactors: Reactor::group(reactors), registry: BdevRegistry::new(), now: 0 }
     }
 
