@@ -6,6 +6,7 @@
 
 mod app;
 mod bdevperf;
+mod blobperf;
 mod methods;
 mod server;
 
@@ -34,6 +35,8 @@ enum Command {
     Rpc(RpcArgs),
     /// Benchmark or verify bdevs (like SPDK's bdevperf).
     Bdevperf(bdevperf::Args),
+    /// Benchmark blobstore metadata: operations per second, load and recovery time.
+    Blobperf(blobperf::Args),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Server(a) => server::run(a).map(|()| ExitCode::SUCCESS),
         Command::Rpc(a) => rpc(a),
         Command::Bdevperf(a) => bdevperf::run(a),
+        Command::Blobperf(a) => blobperf::run(a),
     };
     match result {
         Ok(code) => code,

@@ -481,7 +481,7 @@ fn bdevperf_verifies_every_byte_and_fails_loudly_on_corruption() {
     let bad =
         claudefs(&["bdevperf", "-c", good.to_str().unwrap(), "-q", "4", "-o", "1000", "-w", "randread", "-t", "1"]);
     assert!(
-        stderr(&bad).contains("-o 1000 is not a multiple of the 512-byte block size of bdev M0"),
+        stderr(&bad).contains("-o 1000 is not a multiple of the 512-byte block size of M0"),
         "{}",
         stderr(&bad)
     );
@@ -554,6 +554,59 @@ fn bdevperf_runs_every_workload_on_several_cores() {
         assert_eq!(report["jobs"].as_array().unwrap().len(), 3, "{w}: one job per core plus the total");
         assert!(report["jobs"][2]["iops"].as_f64().unwrap() > 0.0, "{w}");
     }
+}
+
+#[test]
+fn blobstores_and_blobs_through_the_control_socket() {
+    let images = tempfile::tempdir().unwrap();
+    let img = images.path().join("bs.img");
+    let config = json!([{"method": "bdev_uring_create", "params": {"name": "U0", "filename": img, "size": 64 << 20}}]);
+    let s = Server::start(&[], Some(config));
+    let stats = s.call("blobstore_create", json!({"bdev_name": "U0", "cluster_size": 65536})).unwrap();
+    assert_eq!(stats["cluster_size"], 65536);
+    let a = s.call("blob_create", json!({"bdev_name": "U0", "num_clusters": 4, "xattrs": {"name": "log"}})).unwrap();
+    let b = s.call("blob_create", json!({"bdev_name": "U0", "num_clusters": 100, "thin": true})).unwrap();
+    s.call("blob_resize", json!({"bdev_name": "U0", "blob_id": a, "num_clusters": 6})).unwrap();
+    s.call("blob_set_xattr", json!({"bdev_name": "U0", "blob_id": a, "name": "owner", "value": "raft"})).unwrap();
+    let snap = s.call("blob_snapshot", json!({"bdev_name": "U0", "blob_id": a})).unwrap();
+    let clone = s.call("blob_clone", json!({"bdev_name": "U0", "blob_id": snap, "xattrs": {"name": "copy"}})).unwrap();
+    s.call("blob_inflate", json!({"bdev_name": "U0", "blob_id": clone})).unwrap();
+    s.call("blobstore_set_super", json!({"bdev_name": "U0", "blob_id": a})).unwrap();
+    let x = s.call("blob_get_xattrs", json!({"bdev_name": "U0", "blob_id": a})).unwrap();
+    assert_eq!(x, json!({"name": "log", "owner": "raft"}));
+    let (code, msg) = s.call("blob_delete", json!({"bdev_name": "U0", "blob_id": snap})).unwrap_err();
+    assert_eq!(code, -libc::EBUSY as i64, "{msg}");
+    assert!(msg.contains("has clones"), "{msg}");
+    let (code, msg) = s.call("blob_create", json!({"bdev_name": "U0", "num_clusters": 5000})).unwrap_err();
+    assert_eq!(code, -libc::ENOSPC as i64, "{msg}");
+    let (code, _) = s.call("blob_list", json!({"bdev_name": "nope"})).unwrap_err();
+    assert_eq!(code, -libc::ENODEV as i64);
+    let (code, msg) = s.call("bdev_uring_delete", json!({"name": "U0"})).unwrap_err();
+    assert_eq!(code, -libc::EBUSY as i64);
+    assert!(msg.contains("claimed by blobstore"), "{msg}");
+    let list = s.call("blob_list", json!({"bdev_name": "U0"})).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().iter().map(|b| b["id"].clone()).collect::<Vec<_>>(),
+        vec![a.clone(), b.clone(), snap.clone(), clone.clone()]
+    );
+    let stats = s.call("blobstore_get_stats", json!({})).unwrap();
+    assert_eq!(stats[0]["blobs"], 4);
+    let saved = s.call("save_config", Value::Null).unwrap();
+    assert!(saved.as_array().unwrap().iter().any(|c| c["method"] == "blobstore_load"));
+    // A clean stop unloads the store; the saved config loads it again, clean.
+    let out = s.stop();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = Server::start(&[], Some(saved));
+    let again = s.call("blob_list", json!({"bdev_name": "U0"})).unwrap();
+    assert_eq!(again, list);
+    let st = s.call("blobstore_get_stats", json!({"bdev_name": "U0"})).unwrap();
+    assert_eq!(st[0]["super_blob"], a);
+    s.call("blobstore_unload", json!({"bdev_name": "U0"})).unwrap();
+    let report = s.call("blobstore_check", json!({"bdev_name": "U0"})).unwrap();
+    assert_eq!(report["consistent"], true, "{report}");
+    assert_eq!(report["load"]["clean"], true, "{report}");
+    let report = s.call("blobstore_load", json!({"bdev_name": "U0"})).unwrap();
+    assert_eq!((report["clean"].clone(), report["blobs"].clone()), (json!(true), json!(4)));
 }
 
 #[test]

@@ -113,6 +113,12 @@ struct DataReq {
 #[derive(Clone, Copy)]
 enum Slot {
     Free,
+    /// A request that is exactly one device request: its tag and epoch.
+    Single {
+        tag: u64,
+        epoch: u8,
+    },
+    /// One device request of a split request.
     Data(u32),
     Md(u32),
 }
@@ -151,6 +157,8 @@ pub(crate) struct BsChannel {
     /// Allocations that failed, reported to the requests that wait for them.
     alloc_failed: HashMap<(u64, u64), IoError>,
     kick: bool,
+    /// A user polled since the store's own poller last ran.
+    user_polled: bool,
     epoch: usize,
     inflight: [u64; 2],
     barrier: Option<tokio::sync::oneshot::Sender<()>>,
@@ -180,6 +188,7 @@ impl IoDevice for StoreShared {
             allocating: HashSet::new(),
             alloc_failed: HashMap::new(),
             kick: false,
+            user_polled: false,
             epoch: 0,
             inflight: [0; 2],
             barrier: None,
@@ -208,7 +217,7 @@ pub(crate) fn channel(
     let ch = ctx.io_channel(store)?;
     let weak = ch.downgrade();
     ctx.register_poller("blobstore", 0, move |ctx| match weak.upgrade() {
-        Some(ch) => ch.borrow_mut().poll_device(ctx.now()),
+        Some(ch) => ch.borrow_mut().poll_for_store(ctx.now()),
         None => {
             if let Some(id) = ctx.current_poller() {
                 ctx.unregister_poller(id);
@@ -243,6 +252,23 @@ impl BsChannel {
             return self.fail(io, IoError::Removed);
         }
         let page = PAGE_SIZE as u64;
+        // The common case first: a read or write of whole pages inside one
+        // allocated cluster of a blob that is not frozen.
+        let ppc = self.store.geometry.pages_per_cluster();
+        let len = io.bufs.len() as u64;
+        let write = io.op == IoType::Write;
+        if (write || io.op == IoType::Read)
+            && len > 0
+            && len % page == 0
+            && io.page % ppc + len / page <= ppc
+            && !matches!(io.bufs, IoBufs::Parts(_))
+            && !(write && io.blob.is_read_only())
+            && !io.blob.is_frozen()
+        {
+            if let Ok(Some(phys)) = io.blob.translate_fast(io.page / ppc, write) {
+                return self.send_single(now, io, phys);
+            }
+        }
         let pages = match io.op {
             IoType::Read | IoType::Write => {
                 let len = io.bufs.len() as u64;
@@ -326,6 +352,16 @@ impl BsChannel {
         self.execute(now, io, pieces);
     }
 
+    /// Sends a request that is one device request on cluster `phys`; its
+    /// completion is the device's, with the user's tag.
+    fn send_single(&mut self, now: u64, io: BlobIo, phys: u64) {
+        let ppc = self.store.geometry.pages_per_cluster();
+        self.inflight[self.epoch] += 1;
+        let tag = self.slot(Slot::Single { tag: io.tag, epoch: self.epoch as u8 });
+        let lba = phys * self.store.blocks_per_cluster + (io.page % ppc) * self.store.blocks_per_page;
+        self.bdev.submit(now, Io { op: io.op, offset_blocks: lba, num_blocks: 0, bufs: io.bufs, fua: false, tag });
+    }
+
     fn execute(&mut self, now: u64, mut io: BlobIo, pieces: Vec<Piece>) {
         let device: Vec<&Piece> = pieces.iter().filter(|p| p.phys.is_some()).collect();
         let zero_fill = io.op == IoType::Read && device.len() < pieces.len();
@@ -390,6 +426,16 @@ impl BsChannel {
         }
     }
 
+    /// The store's own poller: polls the device unless a user of the channel
+    /// did since the last round (metadata tasks and parked requests depend on
+    /// it when nobody else polls).
+    fn poll_for_store(&mut self, now: u64) -> PollStatus {
+        if std::mem::take(&mut self.user_polled) && !self.kick {
+            return if self.bdev.needs_poll() { PollStatus::Waiting } else { PollStatus::Idle };
+        }
+        self.poll_device(now)
+    }
+
     /// Polls the device and dispatches completions. Returns the poller status.
     pub fn poll_device(&mut self, now: u64) -> PollStatus {
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -399,6 +445,10 @@ impl BsChannel {
             let slot = std::mem::replace(&mut self.slots[i], Slot::Free);
             self.free_slots.push(i as u32);
             match slot {
+                Slot::Single { tag, epoch } => {
+                    self.inflight[epoch as usize] -= 1;
+                    self.done.push(BlobCompletion { tag, op: c.op, status: c.status, bufs: c.bufs });
+                }
                 Slot::Data(r) => self.data_done(r, c),
                 Slot::Md(w) => {
                     if let Some(Some(wait)) = self.md.get_mut(w as usize) {
@@ -471,8 +521,9 @@ impl BsChannel {
         self.alloc_failed.clear();
     }
 
-    /// Moves finished requests to `out`.
+    /// Moves finished requests to `out` (a user's poll).
     pub fn take_done(&mut self, out: &mut Vec<BlobCompletion>) -> usize {
+        self.user_polled = true;
         let n = self.done.len();
         out.append(&mut self.done);
         n
@@ -480,7 +531,8 @@ impl BsChannel {
 
     /// Requests submitted and not yet taken.
     pub fn outstanding(&self) -> usize {
-        self.reqs.iter().filter(|r| r.is_some()).count() + self.parked.len() + self.done.len()
+        let singles = self.slots.iter().filter(|s| matches!(s, Slot::Single { .. })).count();
+        singles + self.reqs.iter().filter(|r| r.is_some()).count() + self.parked.len() + self.done.len()
     }
 
     /// An allocation this channel asked for is settled: retry what waits for it.

@@ -42,7 +42,7 @@ mod store;
 
 pub use channel::{BlobCompletion, BlobIo};
 pub use engine::ops::{BlobInfo, BlobOptions};
-pub use engine::{FormatOptions, LoadReport, OpStats};
+pub use engine::{CheckReport, FormatOptions, LoadReport, OpStats};
 pub use error::BlobError;
 pub use shared::BlobShared;
 pub use store::{Blob, BlobChannel, Blobstore, StoreStats};

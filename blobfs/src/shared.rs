@@ -80,6 +80,20 @@ impl BlobShared {
         self.frozen.store(frozen, Ordering::SeqCst);
     }
 
+    /// Translates a read or write inside one cluster with one load of the map:
+    /// `Err(())` if the blob is smaller, `Ok(None)` if the cluster must be
+    /// allocated (write) or read elsewhere (read through a parent, or zeros).
+    #[inline]
+    pub(crate) fn translate_fast(&self, c: u64, write: bool) -> Result<Option<u64>, ()> {
+        let map = self.map.load();
+        match map.phys.get(c as usize).map(|p| p.load(Ordering::Acquire)) {
+            None => Err(()),
+            Some(0) if !write => Ok(map.parent.as_ref().and_then(|p| p.resolve(c))),
+            Some(0) => Ok(None),
+            Some(p) => Ok(Some(p)),
+        }
+    }
+
     /// The blob's own cluster for logical cluster `c` (0 if none).
     pub(crate) fn own(&self, c: u64) -> u64 {
         self.map.load().phys.get(c as usize).map_or(0, |p| p.load(Ordering::Acquire))

@@ -14,7 +14,7 @@ use pmd::{Ctx, IoChannel, ReactorHandle};
 
 use crate::channel::{BlobCompletion, BlobIo, BsChannel};
 use crate::engine::ops::{BlobInfo, BlobOptions};
-use crate::engine::{Engine, FormatOptions, LoadReport, OpStats, geometry_for, home_io};
+use crate::engine::{CheckReport, Engine, FormatOptions, LoadReport, OpStats, geometry_for, home_io};
 use crate::error::BlobError;
 use crate::format::{PAGE_SIZE, SuperBlock, decode_page};
 use crate::shared::{BlobShared, StoreShared};
@@ -51,6 +51,8 @@ pub struct StoreStats {
     pub md_clusters: u64,
     /// Journal pages.
     pub journal_pages: u64,
+    /// Journal pages holding records not yet in a checkpoint.
+    pub journal_used_pages: u64,
     /// Blobs.
     pub blobs: u64,
     /// The super blob.
@@ -114,7 +116,7 @@ impl Blobstore {
             let setup = install(&s, ctx);
             async move {
                 let (slot, io) = setup?;
-                let (engine, report) = Engine::load(s, io, &name).await?;
+                let (engine, report) = Engine::load(s, io, &name, false).await?;
                 run(&slot, &engine);
                 Ok::<_, BlobError>(report)
             }
@@ -128,6 +130,56 @@ impl Blobstore {
             "blobstore loaded"
         );
         Ok((Blobstore { shared, claim: Arc::new(Mutex::new(Some(claim))) }, report))
+    }
+
+    /// Verifies the store on `bdev` without loading it for use (nothing is
+    /// written): every metadata page readable and checking, every cluster
+    /// owned once, nothing leaked. The store must not be loaded.
+    pub async fn check_offline(
+        registry: &BdevRegistry,
+        bdev: &str,
+        home: ReactorHandle,
+    ) -> Result<CheckReport, BlobError> {
+        let b = registry.get(bdev)?;
+        if let Some(by) = b.claimed_by() {
+            return Err(BlobError::invalid("bdev", format!("{bdev} is claimed by {by}; unload the blobstore first")));
+        }
+        let failed = |problem: String| CheckReport {
+            consistent: false,
+            problems: vec![problem],
+            load: None,
+            used_clusters: 0,
+            total_clusters: 0,
+        };
+        let geometry = match read_geometry(registry, bdev, &home).await {
+            Ok(g) => g,
+            Err(e @ (BlobError::NotABlobstore { .. } | BlobError::Corrupt { .. })) => return Ok(failed(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let desc = registry.open(bdev, false)?;
+        let shared = StoreShared::new(desc, geometry, home);
+        let name = bdev.to_string();
+        let rx = shared.home.clone().spawn(move |ctx| {
+            let io = home_io(&shared, ctx);
+            async move {
+                let io = io?;
+                match Engine::load(shared, io, &name, true).await {
+                    Ok((engine, report)) => {
+                        let problems = engine.check();
+                        Ok(CheckReport {
+                            consistent: problems.is_empty(),
+                            problems,
+                            load: Some(report),
+                            used_clusters: engine.used_clusters(),
+                            total_clusters: engine.store.geometry.num_clusters,
+                        })
+                    }
+                    Err(e @ (BlobError::NotABlobstore { .. } | BlobError::Corrupt { .. })) => Ok(failed(e.to_string())),
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        rx.await.map_err(|_| BlobError::HomeGone)?
     }
 
     /// The bdev holding the store.
@@ -292,6 +344,7 @@ impl Blobstore {
                 free_clusters: free,
                 md_clusters: g.md_clusters,
                 journal_pages: g.journal_pages,
+                journal_used_pages: e.journal_used(),
                 blobs: inner.blobs.len() as u64,
                 super_blob: inner.durable.super_blob,
                 checkpoint: inner.checkpoint.generation,

@@ -77,12 +77,18 @@ fn step(
             let Some(id) = pick(a) else { return Ok(()) };
             let n = b as u64 % 5;
             let r = h.run(async move { s.resize_blob(id, n).await });
+            // Grown clusters of a clone are unallocated: they read the parent's data.
+            let parent_pages = m.blobs[&id].parent.map(|p| m.blobs[&p].pages.clone()).unwrap_or_default();
             let mb = m.blobs.get_mut(&id).unwrap();
             if mb.snapshot {
                 prop_assert!(matches!(r, Err(BlobError::ReadOnly(_))));
             } else {
                 r.unwrap();
+                let old = mb.pages.len();
                 mb.pages.resize(n as usize * PPC, 0);
+                for i in old..mb.pages.len() {
+                    mb.pages[i] = parent_pages.get(i).copied().unwrap_or(0);
+                }
             }
         }
         4 => {

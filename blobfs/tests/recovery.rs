@@ -204,6 +204,33 @@ fn journal_damage_is_refused_but_a_torn_tail_is_not() {
 }
 
 #[test]
+fn the_offline_check_reports_a_healthy_store_and_a_damaged_one() {
+    let (mut h, bdev) = Harness::with_malloc(1, 16, false);
+    let store = h.format(&bdev, CLUSTER, None);
+    create(&mut h, &store, false, "x");
+    let s = store.clone();
+    let home = h.reactors[0].handle();
+    let reg = h.registry.clone();
+    let err = h.run(async move { Blobstore::check_offline(&reg, "M0", home).await }).unwrap_err();
+    assert!(err.to_string().contains("claimed by blobstore; unload the blobstore first"), "{err}");
+    h.run(async move { s.abandon().await });
+    let (home, reg) = (h.reactors[0].handle(), h.registry.clone());
+    let report = h.run(async move { Blobstore::check_offline(&reg, "M0", home).await }).unwrap();
+    assert!(report.consistent, "{report:?}");
+    assert!(report.load.as_ref().is_some_and(|l| !l.clean && l.blobs == 1));
+    assert!(report.used_clusters > 2);
+    // Checking writes nothing: the store is still dirty afterwards.
+    let (_, sb) = newest_super(&mut h);
+    assert!(!sb.clean);
+    let first = sb.checkpoint.page_numbers(&sb.geometry).next().unwrap();
+    flip(&mut h, first, 77);
+    let (home, reg) = (h.reactors[0].handle(), h.registry.clone());
+    let report = h.run(async move { Blobstore::check_offline(&reg, "M0", home).await }).unwrap();
+    assert!(!report.consistent);
+    assert!(report.problems[0].contains(&format!("device page {first}")), "{report:?}");
+}
+
+#[test]
 fn a_bdev_of_another_size_or_block_size_is_refused() {
     let (mut h, bdev) = Harness::with_malloc(1, 16, false);
     let store = h.format(&bdev, CLUSTER, None);

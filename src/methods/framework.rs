@@ -104,6 +104,9 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 let config = bdev.config();
                 calls.push(json!({ "method": format!("bdev_{}_create", config.kind()), "params": config }));
             }
+            for bdev in a.blobstores.lock().unwrap_or_else(|p| p.into_inner()).keys() {
+                calls.push(json!({ "method": "blobstore_load", "params": { "bdev_name": bdev } }));
+            }
             Ok(calls)
         },
     );

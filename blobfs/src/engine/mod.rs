@@ -36,6 +36,9 @@ use crate::shared::{BlobShared, StoreShared};
 use crate::state::{Bitmap, State};
 use mdio::MdIo;
 
+/// Above this size, a batch's ops are split over several records.
+const MAX_RECORD_BYTES: usize = 256 << 10;
+
 /// A blob as the engine keeps it.
 pub(crate) struct Live {
     pub md: BlobMd,
@@ -247,8 +250,14 @@ impl Engine {
         engine
     }
 
-    /// Loads a store: super block, checkpoint, journal replay.
-    pub async fn load(store: Arc<StoreShared>, io: MdIo, bdev: &str) -> Result<(Rc<Engine>, LoadReport), BlobError> {
+    /// Loads a store: super block, checkpoint, journal replay. Unless
+    /// `read_only`, marks it in use (a crash from then on is recognised).
+    pub async fn load(
+        store: Arc<StoreShared>,
+        io: MdIo,
+        bdev: &str,
+        read_only: bool,
+    ) -> Result<(Rc<Engine>, LoadReport), BlobError> {
         let pages = io.read_pages(0, 2, "the super blocks").await?;
         let (sb, super_seq, used_older_super) = pick_super(&pages, bdev)?;
         let g = sb.geometry;
@@ -320,7 +329,9 @@ impl Engine {
             Self::new(store, io, sb.uuid, durable, super_seq, sb.checkpoint, sb.previous, sb.replay, replayed.tail);
         // Mark the store in use before anything changes, so that a crash from now
         // on is recognised as one.
-        engine.write_super(false).await?;
+        if !read_only {
+            engine.write_super(false).await?;
+        }
         Ok((engine, report))
     }
 
@@ -414,13 +425,31 @@ impl Engine {
         self.committer_done.notify_one();
     }
 
+    /// Journal pages holding records a load would replay.
+    pub fn journal_used(&self) -> u64 {
+        self.used_pages(&self.inner.borrow())
+    }
+
     fn used_pages(&self, inner: &Inner) -> u64 {
         let j = self.geometry().journal_pages;
         (inner.tail.page + j - inner.head) % j
     }
 
     async fn write_batch(&self, batch: &[Pending]) -> Result<(), BlobError> {
-        let records: Vec<Vec<Op>> = batch.iter().map(|p| p.ops.clone()).collect();
+        // The batch's ops go in as few records as possible: none of them was
+        // acknowledged before the write completes, so one atomic record for
+        // many waiters is as correct as one each, and far smaller.
+        let mut records: Vec<Vec<Op>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for p in batch {
+            let size = crate::format::encode_ops(&p.ops).len();
+            if bytes + size > MAX_RECORD_BYTES && !records.last().is_some_and(Vec::is_empty) {
+                records.push(Vec::new());
+                bytes = 0;
+            }
+            records.last_mut().expect("never empty").extend(p.ops.iter().cloned());
+            bytes += size;
+        }
         let j = self.geometry().journal_pages;
         let placements = loop {
             let (tail, free) = {
@@ -449,7 +478,7 @@ impl Engine {
         }
         let mut inner = self.inner.borrow_mut();
         inner.applied = inner.tail;
-        inner.stats.records += batch.len() as u64;
+        inner.stats.records += records.len() as u64;
         inner.stats.journal_writes += 1;
         Ok(())
     }
@@ -836,6 +865,38 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+}
+
+/// What `blobstore_check` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// Nothing wrong.
+    pub consistent: bool,
+    /// What is wrong: damaged pages (with their location), clusters owned
+    /// twice, clusters in use but owned by nothing.
+    pub problems: Vec<String>,
+    /// What loading found, if the metadata could be read at all.
+    pub load: Option<LoadReport>,
+    /// Clusters in use.
+    pub used_clusters: u64,
+    /// Clusters in the store.
+    pub total_clusters: u64,
+}
+
+impl Engine {
+    /// Checks the durable metadata: every cluster owned once, the bitmap equal
+    /// to what is owned. Returns the problems found.
+    pub fn check(&self) -> Vec<String> {
+        let inner = self.inner.borrow();
+        let refs: Vec<&CheckpointRef> =
+            [Some(&inner.checkpoint), inner.previous.as_ref()].into_iter().flatten().collect();
+        inner.durable.check(&refs)
+    }
+
+    /// Clusters the durable state has in use.
+    pub fn used_clusters(&self) -> u64 {
+        self.inner.borrow().durable.bitmap.count()
     }
 }
 
