@@ -69,7 +69,7 @@ struct State {
 /// The twin kernel. See the module docs.
 pub struct TwinKernel {
     state: Mutex<State>,
-    manual: std::sync::atomic::AtomicBool,
+    manual: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,8 +111,7 @@ impl TwinKernel {
     }
 
     /// With `true`, emulated controllers run only when a test calls
-    /// [`Emu::step`] (controllers attached before the change keep running on
-    /// register writes).
+    /// [`Emu::step`], not on register writes.
     pub fn set_manual(&self, manual: bool) {
         self.manual.store(manual, std::sync::atomic::Ordering::Relaxed);
     }
@@ -259,11 +258,13 @@ impl Kernel for TwinKernel {
     }
 
     fn kick(&self, device: Fd) -> Option<Kick> {
-        if self.manual.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
         let emu = self.device_emu(device).ok()?;
-        Some(Arc::new(move || lock(&emu).step()))
+        let manual = self.manual.clone();
+        Some(Arc::new(move || {
+            if !manual.load(std::sync::atomic::Ordering::Relaxed) {
+                lock(&emu).step();
+            }
+        }))
     }
 
     fn check_dma_memory(&self) -> Result<(), BdevError> {

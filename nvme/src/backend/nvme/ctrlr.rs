@@ -249,17 +249,18 @@ impl Controller {
 
     /// Resets the controller on another thread, unless a reset is under way.
     pub(crate) fn request_reset(self: &Arc<Self>) {
-        if self.state().resetting {
+        if self.state.fetch_or(RESETTING, Ordering::AcqRel) & RESETTING != 0 {
             return;
         }
         let ctrl = self.clone();
         let spawned = std::thread::Builder::new().name(format!("{}_reset", self.name())).spawn(move || {
-            if let Err(e) = ctrl.reset() {
+            if let Err(e) = ctrl.reset_locked() {
                 tracing::error!(ctrl = ctrl.name(), "controller reset failed: {e}");
             }
         });
         if let Err(e) = spawned {
             tracing::error!(ctrl = self.name(), "cannot start a reset thread: {e}");
+            self.state.fetch_and(!RESETTING, Ordering::AcqRel);
         }
     }
 
@@ -268,6 +269,12 @@ impl Controller {
     /// pairs notice the new generation on their next poll, fail what they had
     /// in flight with `Aborted` and re-create their queues.
     pub fn reset(&self) -> Result<(), BdevError> {
+        self.state.fetch_or(RESETTING, Ordering::AcqRel);
+        self.reset_locked()
+    }
+
+    /// [`Controller::reset`] with RESETTING already set.
+    fn reset_locked(&self) -> Result<(), BdevError> {
         let _one_at_a_time = lock(&self.reset_lock);
         let name = self.name();
         tracing::warn!(ctrl = name, "resetting the controller");

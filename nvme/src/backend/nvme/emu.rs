@@ -96,6 +96,7 @@ pub struct Emu {
     hold_next: u32,
     fail_next: Option<(Status, u32)>,
     never_ready: bool,
+    ignore_aborts: bool,
     reads: u64,
     writes: u64,
     /// NVM commands executed (held ones included).
@@ -133,6 +134,7 @@ impl Emu {
             hold_next: 0,
             fail_next: None,
             never_ready: false,
+            ignore_aborts: false,
             reads: 0,
             writes: 0,
             io_commands: 0,
@@ -157,6 +159,11 @@ impl Emu {
     /// Makes the controller ignore enable requests (it never becomes ready).
     pub fn set_never_ready(&mut self, v: bool) {
         self.never_ready = v;
+    }
+
+    /// Makes Abort commands find nothing to abort.
+    pub fn ignore_aborts(&mut self, v: bool) {
+        self.ignore_aborts = v;
     }
 
     /// Commands held right now.
@@ -467,7 +474,8 @@ impl Emu {
             }
             op::ABORT => {
                 let (sqid, cid) = (sqe.cdw10 as u16, (sqe.cdw10 >> 16) as u16);
-                match self.held.iter().position(|(q, h)| *q == sqid && h.cid() == cid) {
+                let found = self.held.iter().position(|(q, h)| *q == sqid && h.cid() == cid);
+                match found.filter(|_| !self.ignore_aborts) {
                     Some(i) => {
                         let (_, h) = self.held.remove(i);
                         let sq = self.sqs[&sqid];
