@@ -147,6 +147,10 @@ fn attaching_bad_devices_fails_with_the_reason() {
     assert!(e.contains("bound to nvme") && e.contains("hack/setup.sh"), "{e}");
     let e = (rig.attach)(&rig.h.registry, &NvmeAttachConfig { trtype: "rdma".into(), ..Rig::config(&rig.dual) }).unwrap_err();
     assert!(e.to_string().contains("\"rdma\" is not supported"), "{e}");
+    kernel.fail_next_maps(1000);
+    let e = (rig.attach)(&rig.h.registry, &Rig::config(&rig.dual)).unwrap_err().to_string();
+    assert!(e.contains("VFIO_IOMMU_MAP_DMA") && e.contains("48-bit"), "{e}");
+    kernel.fail_next_maps(0);
     kernel.emu("0000:00:05.0").unwrap().lock().unwrap().set_never_ready(true);
     let e = (rig.attach)(&rig.h.registry, &Rig::config(&rig.dual)).unwrap_err().to_string();
     assert!(e.contains("CSTS.RDY after CC.EN = 1") && e.contains("1000 ms"), "{e}");

@@ -2,6 +2,7 @@
 
 mod bdev;
 mod framework;
+mod nvme;
 
 use std::sync::Arc;
 
@@ -14,12 +15,13 @@ pub fn build(app: &Arc<App>) -> Arc<Methods> {
     let mut methods = Methods::new(app.state.clone());
     framework::register(&mut methods, app);
     bdev::register(&mut methods, app);
+    nvme::register(&mut methods, app);
     let methods = Arc::new(methods);
     let _ = app.methods.set(Arc::downgrade(&methods));
     methods
 }
 
 /// A bdev-layer error as a JSON-RPC error (negative errno, as SPDK does).
-pub fn bdev_err(e: nvme::BdevError) -> RpcError {
+pub fn bdev_err(e: ::nvme::BdevError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }

@@ -104,11 +104,32 @@ pub(crate) struct Container {
     kernel: Arc<dyn Kernel>,
     fd: Fd,
     any_failed: AtomicBool,
-    failed: Mutex<Vec<RegionInfo>>,
+    /// Regions the kernel refused, with its errno.
+    failed: Mutex<Vec<(RegionInfo, i32)>>,
     warned_small_pages: AtomicBool,
 }
 
 impl Container {
+    /// Fails, naming the kernel's error, if any part of `[addr, addr + len)`
+    /// could not be mapped (for the driver's own queues at attach).
+    pub(crate) fn check(&self, bdf: &str, addr: u64, len: usize) -> Result<(), BdevError> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let end = addr as usize + len;
+        match failed.iter().find(|(r, _)| (addr as usize) < r.addr + r.len && r.addr < end) {
+            None => Ok(()),
+            Some((r, errno)) => Err(BdevError::Vfio {
+                bdf: bdf.to_string(),
+                action: "VFIO_IOMMU_MAP_DMA of the DMA pool (IOVA = virtual address: the IOMMU must cover 48-bit addresses)",
+                source: io::Error::other(format!(
+                    "{} for [{:#x}, {:#x})",
+                    io::Error::from_raw_os_error(*errno),
+                    r.addr,
+                    r.addr + r.len
+                )),
+            }),
+        }
+    }
+
     /// Whether `[addr, addr + len)` is mapped for the device. One relaxed
     /// load unless some mapping has failed.
     #[inline]
@@ -117,7 +138,7 @@ impl Container {
             return true;
         }
         let end = addr as usize + len;
-        !self.failed.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| (addr as usize) < r.addr + r.len && r.addr < end)
+        !self.failed.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(r, _)| (addr as usize) < r.addr + r.len && r.addr < end)
     }
 }
 
@@ -136,14 +157,14 @@ impl DmaListener for Container {
                 len = region.len,
                 "VFIO_IOMMU_MAP_DMA failed ({e}); requests with buffers in this region will be refused"
             );
-            self.failed.lock().unwrap_or_else(|p| p.into_inner()).push(region);
+            self.failed.lock().unwrap_or_else(|p| p.into_inner()).push((region, e.raw_os_error().unwrap_or(libc::EIO)));
             self.any_failed.store(true, Ordering::Release);
         }
     }
 
     fn unmapped(&self, region: RegionInfo) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = failed.iter().position(|r| r.addr == region.addr) {
+        if let Some(i) = failed.iter().position(|(r, _)| r.addr == region.addr) {
             failed.remove(i);
         } else if let Err(e) = self.kernel.dma_unmap(self.fd, region.addr, region.len) {
             tracing::warn!(addr = region.addr, "VFIO_IOMMU_UNMAP_DMA failed: {e}");
@@ -156,6 +177,7 @@ impl DmaListener for Container {
 /// (which also removes the IOMMU mappings).
 pub(crate) struct VfioDevice {
     kernel: Arc<dyn Kernel>,
+    bdf: String,
     pub(crate) container: Arc<Container>,
     listener: ListenerId,
     group: Fd,
@@ -272,7 +294,12 @@ impl VfioDevice {
                 &[device, container_fd, group],
             ));
         }
-        Ok(Self { kernel, container, listener, group, device, bar })
+        Ok(Self { kernel, bdf: bdf.to_string(), container, listener, group, device, bar })
+    }
+
+    /// Fails if DMA memory at `buf` is not mapped for the device.
+    pub(crate) fn check_mapped(&self, buf: &pmd::DmaBuf) -> Result<(), BdevError> {
+        self.container.check(&self.bdf, buf.iova(), buf.len())
     }
 
     /// The twin's kick hook (see [`Kernel::kick`]).

@@ -141,8 +141,8 @@ pub(crate) struct Admin {
 pub(crate) const ADMIN_TIMEOUT_NS: u64 = 10_000_000_000;
 
 impl Admin {
-    pub(crate) fn new(q: Queue) -> Result<Self, BdevError> {
-        Ok(Self { q, page: DmaBuf::zeroed(4096)?, next_cid: 0, posted: 0 })
+    pub(crate) fn new(q: Queue, page: DmaBuf) -> Self {
+        Self { q, page, next_cid: 0, posted: 0 }
     }
 
     /// Forgets posted commands (after a controller reset).

@@ -83,8 +83,13 @@ impl Controller {
         }
         regs.set_doorbell_stride(cap.doorbell_stride);
         let mut aq = Queue::new(regs.clone(), 0, ADMIN_ENTRIES.min(cap.max_entries))?;
+        let mut admin_page = DmaBuf::zeroed(4096)?;
+        for buf in [aq.sq_buf(), aq.cq_buf(), &admin_page] {
+            vfio.check_mapped(buf)?;
+        }
         run_init(&regs, cap, &mut aq, name)?;
-        let mut admin = Admin::new(aq)?;
+        admin_page.fill(0);
+        let mut admin = Admin::new(aq, admin_page);
         let data = ControllerData::parse(&admin.read(&regs, name, "Identify Controller", |a| Sqe::identify(1, 0, a))?);
         let list = admin.read(&regs, name, "Identify Active Namespace List", |a| Sqe::identify(2, 0, a))?;
         let mut namespaces = Vec::new();

@@ -67,6 +67,14 @@ impl Queue {
         self.entries
     }
 
+    pub(crate) fn sq_buf(&self) -> &DmaBuf {
+        &self.sq
+    }
+
+    pub(crate) fn cq_buf(&self) -> &DmaBuf {
+        &self.cq
+    }
+
     pub(crate) fn sq_iova(&self) -> u64 {
         self.sq.iova()
     }
