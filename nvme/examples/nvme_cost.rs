@@ -69,7 +69,11 @@ fn driver(n: usize) -> usize {
 
 fn null_bdev(n: usize) -> usize {
     let registry = BdevRegistry::new();
-    null::create(&registry, &null::NullConfig { name: "Null0".into(), num_blocks: 16384, block_size: 4096, uuid: None }).unwrap();
+    null::create(
+        &registry,
+        &null::NullConfig { name: "Null0".into(), num_blocks: 16384, block_size: 4096, uuid: None },
+    )
+    .unwrap();
     let desc = registry.open("Null0", false).unwrap();
     let mut reactor = Reactor::group(1).pop().unwrap();
     let mut ch = reactor.with_ctx(|ctx| desc.channel(ctx)).unwrap();

@@ -18,7 +18,10 @@ use pmd::DmaBuf;
 fn twin() -> Arc<TwinKernel> {
     let mut dual = TwinSpec::nvme("0000:00:05.0", 5);
     dual.nvme = Some(EmuConfig {
-        namespaces: vec![EmuNamespace { block_size: 512, blocks: 131072 }, EmuNamespace { block_size: 4096, blocks: 8192 }],
+        namespaces: vec![
+            EmuNamespace { block_size: 512, blocks: 131072 },
+            EmuNamespace { block_size: 4096, blocks: 8192 },
+        ],
         ..EmuConfig::new("CFSNVME0", 512, 1)
     });
     let mut small = TwinSpec::nvme("0000:00:06.0", 6);
@@ -145,7 +148,8 @@ fn attaching_bad_devices_fails_with_the_reason() {
     kernel.set_driver("0000:00:06.0", Some("nvme"));
     let e = (rig.attach)(&rig.h.registry, &Rig::config(&rig.small)).unwrap_err().to_string();
     assert!(e.contains("bound to nvme") && e.contains("hack/setup.sh"), "{e}");
-    let e = (rig.attach)(&rig.h.registry, &NvmeAttachConfig { trtype: "rdma".into(), ..Rig::config(&rig.dual) }).unwrap_err();
+    let e = (rig.attach)(&rig.h.registry, &NvmeAttachConfig { trtype: "rdma".into(), ..Rig::config(&rig.dual) })
+        .unwrap_err();
     assert!(e.to_string().contains("\"rdma\" is not supported"), "{e}");
     kernel.fail_next_maps(1000);
     let e = (rig.attach)(&rig.h.registry, &Rig::config(&rig.dual)).unwrap_err().to_string();

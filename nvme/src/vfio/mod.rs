@@ -138,7 +138,12 @@ impl Container {
             return true;
         }
         let end = addr as usize + len;
-        !self.failed.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(r, _)| (addr as usize) < r.addr + r.len && r.addr < end)
+        !self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(r, _)| (addr as usize) < r.addr + r.len && r.addr < end)
     }
 }
 
@@ -199,7 +204,14 @@ fn vfio_err<'a>(bdf: &'a str, action: &'static str) -> impl FnOnce(io::Error) ->
 pub(crate) fn check_bdf(bdf: &str) -> Result<(), BdevError> {
     let b = bdf.as_bytes();
     let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
-    let ok = b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.' && hex(0..4) && hex(5..7) && hex(8..10) && (b'0'..=b'7').contains(&b[11]);
+    let ok = b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && hex(0..4)
+        && hex(5..7)
+        && hex(8..10)
+        && (b'0'..=b'7').contains(&b[11]);
     if ok {
         Ok(())
     } else {
@@ -229,7 +241,11 @@ impl VfioDevice {
         kernel.check_dma_memory()?;
         let group = kernel.open_group(group_id).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
-                BdevError::invalid(bdf, "traddr", format!("IOMMU group {group_id} is already open (attached by this or another process)"))
+                BdevError::invalid(
+                    bdf,
+                    "traddr",
+                    format!("IOMMU group {group_id} is already open (attached by this or another process)"),
+                )
             } else {
                 vfio_err(bdf, "opening its IOMMU group")(e)
             }
@@ -260,7 +276,10 @@ impl VfioDevice {
         let container_fd =
             kernel.open_container().map_err(|e| close_on_err(vfio_err(bdf, "opening /dev/vfio/vfio")(e), &[group]))?;
         if let Err(e) = kernel.set_container(group, container_fd) {
-            return Err(close_on_err(vfio_err(bdf, "VFIO_GROUP_SET_CONTAINER / VFIO_SET_IOMMU")(e), &[group, container_fd]));
+            return Err(close_on_err(
+                vfio_err(bdf, "VFIO_GROUP_SET_CONTAINER / VFIO_SET_IOMMU")(e),
+                &[group, container_fd],
+            ));
         }
         let container = Arc::new(Container {
             kernel: kernel.clone(),
@@ -286,11 +305,16 @@ impl VfioDevice {
         if let Err(e) = enable {
             return Err(undo(vfio_err(bdf, "enabling bus mastering")(e), &[device, container_fd, group]));
         }
-        let bar = kernel.map_bar0(device).map_err(|e| undo(vfio_err(bdf, "mapping BAR0")(e), &[device, container_fd, group]))?;
+        let bar = kernel
+            .map_bar0(device)
+            .map_err(|e| undo(vfio_err(bdf, "mapping BAR0")(e), &[device, container_fd, group]))?;
         if bar.len < 0x2000 {
             kernel.unmap_bar0(bar);
             return Err(undo(
-                vfio_err(bdf, "mapping BAR0")(io::Error::other(format!("BAR0 is {} bytes, too small for NVMe registers", bar.len))),
+                vfio_err(bdf, "mapping BAR0")(io::Error::other(format!(
+                    "BAR0 is {} bytes, too small for NVMe registers",
+                    bar.len
+                ))),
                 &[device, container_fd, group],
             ));
         }

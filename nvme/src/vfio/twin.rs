@@ -166,7 +166,12 @@ impl Kernel for TwinKernel {
 
     fn group_devices(&self, group: u32) -> io::Result<Vec<(String, Option<String>)>> {
         let st = lock(&self.state);
-        Ok(st.devices.iter().filter(|d| d.spec.group == group).map(|d| (d.spec.bdf.clone(), d.spec.driver.clone())).collect())
+        Ok(st
+            .devices
+            .iter()
+            .filter(|d| d.spec.group == group)
+            .map(|d| (d.spec.bdf.clone(), d.spec.driver.clone()))
+            .collect())
     }
 
     fn open_container(&self) -> io::Result<Fd> {
@@ -193,7 +198,8 @@ impl Kernel for TwinKernel {
 
     fn set_container(&self, group: Fd, container: Fd) -> io::Result<()> {
         let st = lock(&self.state);
-        let (Some(Handle::Group(g)), Some(Handle::Container { maps })) = (st.handles.get(&group), st.handles.get(&container))
+        let (Some(Handle::Group(g)), Some(Handle::Container { maps })) =
+            (st.handles.get(&group), st.handles.get(&container))
         else {
             return Err(no_handle());
         };

@@ -119,7 +119,11 @@ pub fn random_data_round_trips(rig: &mut Rig, big: usize) {
                 })
                 .collect();
             let offset = rng.u64(0..blocks - (total / bs) as u64);
-            assert_eq!(rig.h.run(&mut ch, Io::write(offset, bufs, 0)).status, Ok(()), "{bdev}: scattered write {pieces:?}");
+            assert_eq!(
+                rig.h.run(&mut ch, Io::write(offset, bufs, 0)).status,
+                Ok(()),
+                "{bdev}: scattered write {pieces:?}"
+            );
             let bufs: Vec<DmaBuf> = pieces.iter().rev().map(|&n| DmaBuf::new(n).unwrap()).collect();
             let c = rig.h.run(&mut ch, Io::read(offset, bufs, 0));
             assert_eq!(c.status, Ok(()));
@@ -144,7 +148,8 @@ pub fn two_reactors_use_their_own_queue_pairs(rig: &mut Rig) {
     let name = format!("{}n2", rig.dual.name);
     let desc = rig.h.registry.open(&name, true).unwrap();
     let mut reactors = Reactor::group(2);
-    let mut chans: Vec<BdevChannel> = reactors.iter_mut().map(|r| r.with_ctx(|ctx| desc.channel(ctx)).unwrap()).collect();
+    let mut chans: Vec<BdevChannel> =
+        reactors.iter_mut().map(|r| r.with_ctx(|ctx| desc.channel(ctx)).unwrap()).collect();
     let ctrl = controller(rig.dual.name).unwrap();
     assert_eq!(ctrl.io_queues_in_use(), 2, "one queue pair per reactor");
     let per = 64u64;
@@ -249,7 +254,11 @@ pub fn reset_during_io_recovers(rig: &mut Rig) {
     let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
     tags.sort_unstable();
     assert_eq!(tags, (0..n).collect::<Vec<_>>(), "every request completes exactly once");
-    assert!(done.iter().all(|c| matches!(c.status, Ok(()) | Err(IoError::Aborted))), "{:?}", done.iter().map(|c| c.status).collect::<Vec<_>>());
+    assert!(
+        done.iter().all(|c| matches!(c.status, Ok(()) | Err(IoError::Aborted))),
+        "{:?}",
+        done.iter().map(|c| c.status).collect::<Vec<_>>()
+    );
     for i in [0u64, 77, 199] {
         round_trip(&mut rig.h, &mut ch, i, &pattern(i + 1000, 4096));
     }

@@ -70,7 +70,11 @@ impl Init {
                 }
                 InitState::WaitDisabled { deadline } => {
                     if csts & reg::CSTS_RDY != 0 {
-                        return if now > deadline { Err(self.timeout(ctrl, "CSTS.RDY to clear after CC.EN = 0")) } else { Ok(false) };
+                        return if now > deadline {
+                            Err(self.timeout(ctrl, "CSTS.RDY to clear after CC.EN = 0"))
+                        } else {
+                            Ok(false)
+                        };
                     }
                     let size = self.entries - 1;
                     regs.write32(reg::AQA, size << 16 | size);
@@ -84,7 +88,11 @@ impl Init {
                         return Err(BdevError::ControllerFatal { ctrl: ctrl.to_string(), when: "enabling it" });
                     }
                     if csts & reg::CSTS_RDY == 0 {
-                        return if now > deadline { Err(self.timeout(ctrl, "CSTS.RDY after CC.EN = 1")) } else { Ok(false) };
+                        return if now > deadline {
+                            Err(self.timeout(ctrl, "CSTS.RDY after CC.EN = 1"))
+                        } else {
+                            Ok(false)
+                        };
                     }
                     self.state = InitState::Ready;
                 }
@@ -179,7 +187,13 @@ impl Admin {
     }
 
     /// Runs one command and waits for its completion.
-    pub(crate) fn execute(&mut self, regs: &Regs, ctrl: &str, action: &'static str, sqe: Sqe) -> Result<Cqe, BdevError> {
+    pub(crate) fn execute(
+        &mut self,
+        regs: &Regs,
+        ctrl: &str,
+        action: &'static str,
+        sqe: Sqe,
+    ) -> Result<Cqe, BdevError> {
         self.drain();
         let cid = self.push(sqe);
         let q = &mut self.q;
@@ -194,7 +208,11 @@ impl Admin {
             None
         });
         self.q.ring();
-        let cqe = cqe.ok_or_else(|| BdevError::ControllerTimeout { ctrl: ctrl.to_string(), what: action, ms: ADMIN_TIMEOUT_NS / 1_000_000 })?;
+        let cqe = cqe.ok_or_else(|| BdevError::ControllerTimeout {
+            ctrl: ctrl.to_string(),
+            what: action,
+            ms: ADMIN_TIMEOUT_NS / 1_000_000,
+        })?;
         if !cqe.status().is_ok() {
             return Err(BdevError::Nvme { ctrl: ctrl.to_string(), action, status: cqe.status() });
         }
@@ -202,7 +220,13 @@ impl Admin {
     }
 
     /// Runs a command that returns up to 4 KiB of data in the admin page.
-    pub(crate) fn read(&mut self, regs: &Regs, ctrl: &str, action: &'static str, sqe: impl FnOnce(u64) -> Sqe) -> Result<Vec<u8>, BdevError> {
+    pub(crate) fn read(
+        &mut self,
+        regs: &Regs,
+        ctrl: &str,
+        action: &'static str,
+        sqe: impl FnOnce(u64) -> Sqe,
+    ) -> Result<Vec<u8>, BdevError> {
         let iova = self.page.iova();
         self.execute(regs, ctrl, action, sqe(iova))?;
         Ok(self.page.to_vec())
@@ -227,7 +251,7 @@ mod tests {
         };
         raw(reg::CC, reg::CC_EN);
         raw(reg::CSTS, reg::CSTS_RDY);
-        assert_eq!(init.step(&regs, 0, "t").unwrap(), false);
+        assert!(!init.step(&regs, 0, "t").unwrap());
         assert_eq!(page.read(reg::CC) & reg::CC_EN, 0, "CC.EN cleared first");
         assert!(matches!(init.state, InitState::WaitDisabled { .. }));
         assert!(init.step(&regs, 500_000_000, "t").is_ok(), "still within CAP.TO");
@@ -237,12 +261,12 @@ mod tests {
         let mut init = Init::new(cap, &admin);
         init.step(&regs, 0, "t").unwrap();
         raw(reg::CSTS, 0); // the controller finished disabling
-        assert_eq!(init.step(&regs, 10, "t").unwrap(), false);
+        assert!(!init.step(&regs, 10, "t").unwrap());
         assert_eq!(page.read(reg::AQA), 31 << 16 | 31);
         assert_eq!(page.read(reg::ASQ) as u64 | (page.read(reg::ASQ + 4) as u64) << 32, admin.sq_iova());
         assert_eq!(page.read(reg::CC), reg::CC_IO_ENTRY_SIZES | reg::CC_EN);
         raw(reg::CSTS, reg::CSTS_RDY);
-        assert_eq!(init.step(&regs, 20, "t").unwrap(), true);
+        assert!(init.step(&regs, 20, "t").unwrap());
         assert_eq!(init.state, InitState::Ready);
     }
 }

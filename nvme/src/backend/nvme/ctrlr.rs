@@ -79,7 +79,11 @@ impl Controller {
         let regs = Arc::new(unsafe { Regs::new(vfio.bar.base, vfio.bar.len, vfio.kick(), None) });
         let cap = Cap::decode(regs.read64(reg::CAP));
         if !cap.nvm || cap.page_min > 4096 {
-            return Err(BdevError::invalid(name, "traddr", format!("the controller lacks the NVM command set or 4 KiB pages ({cap:?})")));
+            return Err(BdevError::invalid(
+                name,
+                "traddr",
+                format!("the controller lacks the NVM command set or 4 KiB pages ({cap:?})"),
+            ));
         }
         regs.set_doorbell_stride(cap.doorbell_stride);
         let mut aq = Queue::new(regs.clone(), 0, ADMIN_ENTRIES.min(cap.max_entries))?;
@@ -93,11 +97,13 @@ impl Controller {
         let data = ControllerData::parse(&admin.read(&regs, name, "Identify Controller", |a| Sqe::identify(1, 0, a))?);
         let list = admin.read(&regs, name, "Identify Active Namespace List", |a| Sqe::identify(2, 0, a))?;
         let mut namespaces = Vec::new();
-        for id in list.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).take_while(|&i| i != 0) {
+        for id in
+            list.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).take_while(|&i| i != 0)
+        {
             let ns = NamespaceData::parse(&admin.read(&regs, name, "Identify Namespace", |a| Sqe::identify(0, id, a))?);
             namespaces.push(Namespace { nsid: id, data: ns });
         }
-        let want = regs.max_qid().min(64).max(1);
+        let want = regs.max_qid().clamp(1, 64);
         let granted = admin.execute(&regs, name, "Set Features (Number of Queues)", Sqe::set_num_queues(want))?.dw0;
         let io_queues = (((granted & 0xffff).min(granted >> 16)) as u16 + 1).min(want);
         let mdts = if data.mdts == 0 { usize::MAX } else { 4096usize << data.mdts };
@@ -203,7 +209,10 @@ impl Controller {
             BdevError::invalid(
                 self.name(),
                 "io queues",
-                format!("the controller granted {} I/O queue pairs and all are in use (one per reactor)", self.io_queues),
+                format!(
+                    "the controller granted {} I/O queue pairs and all are in use (one per reactor)",
+                    self.io_queues
+                ),
             )
         })
     }
@@ -219,8 +228,18 @@ impl Controller {
             return Err(BdevError::invalid(self.name(), "queue", "the controller was reset meanwhile".into()));
         }
         let name = self.name();
-        admin.execute(&self.regs, name, "Create I/O Completion Queue", Sqe::create_cq(q.qid, q.entries(), q.cq_iova()))?;
-        if let Err(e) = admin.execute(&self.regs, name, "Create I/O Submission Queue", Sqe::create_sq(q.qid, q.entries(), q.sq_iova(), q.qid)) {
+        admin.execute(
+            &self.regs,
+            name,
+            "Create I/O Completion Queue",
+            Sqe::create_cq(q.qid, q.entries(), q.cq_iova()),
+        )?;
+        if let Err(e) = admin.execute(
+            &self.regs,
+            name,
+            "Create I/O Submission Queue",
+            Sqe::create_sq(q.qid, q.entries(), q.sq_iova(), q.qid),
+        ) {
             let _ = admin.execute(&self.regs, name, "Delete I/O Completion Queue", Sqe::delete_cq(q.qid));
             return Err(e);
         }
@@ -292,13 +311,19 @@ impl Controller {
         });
         if disabled.is_none() {
             self.state.fetch_or(FAILED, Ordering::AcqRel);
-            return Err(BdevError::ControllerTimeout { ctrl: name.to_string(), what: "CSTS.RDY to clear after CC.EN = 0", ms: self.cap.timeout_ms });
+            return Err(BdevError::ControllerTimeout {
+                ctrl: name.to_string(),
+                what: "CSTS.RDY to clear after CC.EN = 0",
+                ms: self.cap.timeout_ms,
+            });
         }
         // Disabled: no command will complete and no DMA happens any more.
         self.state.fetch_add(1 << GEN_SHIFT, Ordering::AcqRel);
         admin.reset();
         let result = run_init(&self.regs, self.cap, &mut admin.q, name).and_then(|()| {
-            admin.execute(&self.regs, name, "Set Features (Number of Queues)", Sqe::set_num_queues(self.io_queues)).map(|_| ())
+            admin
+                .execute(&self.regs, name, "Set Features (Number of Queues)", Sqe::set_num_queues(self.io_queues))
+                .map(|_| ())
         });
         match result {
             Ok(()) => {
@@ -339,7 +364,11 @@ impl Controller {
         wait_for(&self.regs, ms * 1_000_000, |_| {
             (self.regs.read32(reg::CSTS) & reg::CSTS_SHST_MASK == reg::CSTS_SHST_DONE).then_some(())
         })
-        .ok_or_else(|| BdevError::ControllerTimeout { ctrl: self.name().to_string(), what: "CSTS.SHST = shutdown complete", ms })?;
+        .ok_or_else(|| BdevError::ControllerTimeout {
+            ctrl: self.name().to_string(),
+            what: "CSTS.SHST = shutdown complete",
+            ms,
+        })?;
         self.state.fetch_or(FAILED, Ordering::AcqRel);
         tracing::info!(ctrl = self.name(), "controller shut down");
         Ok(())

@@ -292,7 +292,11 @@ impl Emu {
             let media = &mut self.data[ns][at..at + s.len as usize];
             // SAFETY: the buffer lies in IOMMU-mapped memory the driver handed to the device.
             let host = unsafe { std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len as usize) };
-            if to_device { media.copy_from_slice(host) } else { host.copy_from_slice(media) }
+            if to_device {
+                media.copy_from_slice(host)
+            } else {
+                host.copy_from_slice(media)
+            }
             at += s.len as usize;
         }
         true
@@ -339,7 +343,11 @@ impl Emu {
                 let write = sqe.opcode() == op::WRITE;
                 match segs {
                     Ok(segs) if self.copy(&segs, ns, (lba * geo.block_size as u64) as usize, write) => {
-                        if write { self.writes += 1 } else { self.reads += 1 }
+                        if write {
+                            self.writes += 1
+                        } else {
+                            self.reads += 1
+                        }
                         Status::SUCCESS
                     }
                     _ => generic(sc::DATA_TRANSFER_ERROR),
@@ -358,9 +366,10 @@ impl Emu {
                 let ranges = (sqe.cdw10 & 0xff) + 1;
                 let mut status = Status::SUCCESS;
                 for r in 0..ranges as u64 {
-                    let (Some(len), Some(slba)) =
-                        (self.read_mem::<u32>(sqe.dptr[0] + 16 * r + 4), self.read_mem::<u64>(sqe.dptr[0] + 16 * r + 8))
-                    else {
+                    let (Some(len), Some(slba)) = (
+                        self.read_mem::<u32>(sqe.dptr[0] + 16 * r + 4),
+                        self.read_mem::<u64>(sqe.dptr[0] + 16 * r + 8),
+                    ) else {
                         status = generic(sc::DATA_TRANSFER_ERROR);
                         break;
                     };
@@ -405,7 +414,7 @@ impl Emu {
                     }
                     _ => return (0, generic(sc::INVALID_FIELD)),
                 }
-                self.to_host(sqe, &page)
+                self.copy_to_host(sqe, &page)
             }
             op::SET_FEATURES if sqe.cdw10 & 0xff == super::spec::FEAT_NUM_QUEUES => {
                 let want = ((sqe.cdw11 & 0xffff) + 1).min((sqe.cdw11 >> 16) + 1) as u16;
@@ -424,7 +433,7 @@ impl Emu {
                     page[112..128].copy_from_slice(&(self.enables as u128).to_le_bytes());
                 }
                 let bytes = (((sqe.cdw10 >> 16) | (sqe.cdw11 & 0xffff) << 16) as usize + 1) * 4;
-                self.to_host(sqe, &page[..bytes.min(4096)])
+                self.copy_to_host(sqe, &page[..bytes.min(4096)])
             }
             op::CREATE_CQ | op::CREATE_SQ => {
                 let qid = sqe.cdw10 as u16;
@@ -456,7 +465,8 @@ impl Emu {
                 let Some(sq) = (qid != 0).then(|| self.sqs.remove(&qid)).flatten() else {
                     return (0, specific(sc::INVALID_QUEUE_ID));
                 };
-                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held).into_iter().partition(|(q, _)| *q == qid);
+                let (gone, kept): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.held).into_iter().partition(|(q, _)| *q == qid);
                 self.held = kept;
                 for (_, h) in gone {
                     self.post(sq.cqid, qid, h.cid(), sq.head, 0, generic(sc::ABORTED_SQ_DELETION));
@@ -510,7 +520,7 @@ impl Emu {
         page[536] = self.cfg.sgl as u8;
     }
 
-    fn to_host(&mut self, sqe: &Sqe, data: &[u8]) -> (u32, Status) {
+    fn copy_to_host(&mut self, sqe: &Sqe, data: &[u8]) -> (u32, Status) {
         match walk(sqe, data.len(), |addr, i| self.read_mem::<u64>(addr + 8 * i as u64).unwrap_or(u64::MAX)) {
             Ok(segs) if segs.iter().all(|s| self.mapped(s.addr, s.len as usize)) => {
                 let mut at = 0;

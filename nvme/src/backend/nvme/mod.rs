@@ -116,10 +116,18 @@ fn attach_with(
     kernel: Arc<dyn Kernel>,
 ) -> Result<Vec<String>, BdevError> {
     if config.trtype != "pcie" {
-        return Err(BdevError::invalid(&config.name, "trtype", format!("{:?} is not supported; use \"pcie\"", config.trtype)));
+        return Err(BdevError::invalid(
+            &config.name,
+            "trtype",
+            format!("{:?} is not supported; use \"pcie\"", config.trtype),
+        ));
     }
     if !(2..=65536).contains(&config.io_queue_depth) {
-        return Err(BdevError::invalid(&config.name, "io_queue_depth", format!("{} is not from 2 to 65536", config.io_queue_depth)));
+        return Err(BdevError::invalid(
+            &config.name,
+            "io_queue_depth",
+            format!("{} is not from 2 to 65536", config.io_queue_depth),
+        ));
     }
     crate::vfio::check_bdf(&config.traddr)?;
     if let Some(c) = attached().iter().find(|c| c.name() == config.name || c.traddr() == config.traddr) {
@@ -131,12 +139,22 @@ fn attach_with(
     for ns in ctrl.namespaces() {
         let name = format!("{}n{}", config.name, ns.nsid);
         if ns.data.metadata_size != 0 || !(512..=65536).contains(&ns.data.block_size) || ns.data.nsze == 0 {
-            tracing::warn!(bdev = name, "namespace skipped: {}-byte blocks with {} bytes of metadata are not supported", ns.data.block_size, ns.data.metadata_size);
+            tracing::warn!(
+                bdev = name,
+                "namespace skipped: {}-byte blocks with {} bytes of metadata are not supported",
+                ns.data.block_size,
+                ns.data.metadata_size
+            );
             continue;
         }
         let uuid = namespace_uuid(&ctrl.data().serial, ns.nsid);
-        let backend = super::Backend::Nvme(NvmeNs { ctrl: ctrl.clone(), nsid: ns.nsid, shift: ns.data.block_size.trailing_zeros() });
-        match Bdev::new(&name, Some(uuid), ns.data.block_size, ns.data.nsze, backend).and_then(|b| registry.register(b)) {
+        let backend = super::Backend::Nvme(NvmeNs {
+            ctrl: ctrl.clone(),
+            nsid: ns.nsid,
+            shift: ns.data.block_size.trailing_zeros(),
+        });
+        match Bdev::new(&name, Some(uuid), ns.data.block_size, ns.data.nsze, backend).and_then(|b| registry.register(b))
+        {
             Ok(_) => names.push(name),
             Err(e) => {
                 result = Err(e);

@@ -63,7 +63,13 @@ pub(crate) enum Layout {
 ///
 /// `list` must point to a writable, 8-byte aligned page of [`PAGE`] bytes
 /// that the device does not use while this runs.
-pub(crate) unsafe fn fill(sqe: &mut Sqe, segs: &[Seg], list: *mut u64, list_iova: u64, sgl: bool) -> Result<(), Layout> {
+pub(crate) unsafe fn fill(
+    sqe: &mut Sqe,
+    segs: &[Seg],
+    list: *mut u64,
+    list_iova: u64,
+    sgl: bool,
+) -> Result<(), Layout> {
     if prp_compatible(segs.iter().copied()) {
         let n = prp_entries(segs);
         if n > PRP_LIST_ENTRIES + 1 {
@@ -217,7 +223,8 @@ mod tests {
 
     #[test]
     fn longer_transfers_use_a_prp_list_and_scattered_buffers_are_joined() {
-        let segs = [Seg { addr: 0x20000, len: 3 * 4096 }, Seg { addr: 0x80000, len: 4096 }, Seg { addr: 0x40000, len: 512 }];
+        let segs =
+            [Seg { addr: 0x20000, len: 3 * 4096 }, Seg { addr: 0x80000, len: 4096 }, Seg { addr: 0x40000, len: 512 }];
         let (r, s, page) = build(&segs, false);
         assert_eq!(r, Ok(()));
         assert_eq!(s.dptr, [0x20000, 0xabc000]);

@@ -64,9 +64,14 @@ struct Req {
 
 enum Route {
     Free,
-    Live { done: Vec<Completion>, count: usize },
+    Live {
+        done: Vec<Completion>,
+        count: usize,
+    },
     /// The channel is gone; its requests still finish (then their buffers are freed).
-    Draining { count: usize },
+    Draining {
+        count: usize,
+    },
 }
 
 /// An I/O queue pair. See the module docs.
@@ -222,7 +227,12 @@ impl IoQpair {
             // The controller was disabled since these queues were made: it no
             // longer touches their memory, and nothing in flight will complete.
             if self.inflight > 0 {
-                tracing::warn!(ctrl = self.ctrl.name(), qid = self.q.qid, commands = self.inflight, "controller reset: failing the commands in flight");
+                tracing::warn!(
+                    ctrl = self.ctrl.name(),
+                    qid = self.q.qid,
+                    commands = self.inflight,
+                    "controller reset: failing the commands in flight"
+                );
             }
             self.fail_inflight(IoError::Aborted);
             self.q.reset();
@@ -243,7 +253,11 @@ impl IoQpair {
             match self.ctrl.create_io_queues(&self.q, self.generation) {
                 Ok(()) => self.live = true,
                 Err(e) => {
-                    tracing::error!(ctrl = self.ctrl.name(), qid = self.q.qid, "re-creating an I/O queue pair failed: {e}");
+                    tracing::error!(
+                        ctrl = self.ctrl.name(),
+                        qid = self.q.qid,
+                        "re-creating an I/O queue pair failed: {e}"
+                    );
                     self.retry_at = self.now + 1_000_000_000;
                     return false;
                 }
@@ -355,7 +369,8 @@ impl IoQpair {
                 }
                 len -= left;
                 let blocks = (len >> req.shift) as u32;
-                *sqe = Sqe::rw(io.op == IoType::Write, req.nsid, io.offset_blocks + (start >> req.shift), blocks, io.fua);
+                *sqe =
+                    Sqe::rw(io.op == IoType::Write, req.nsid, io.offset_blocks + (start >> req.shift), blocks, io.fua);
                 // SAFETY: the list page belongs to this command id, which is free:
                 // the controller is not reading it.
                 if let Err(e) = unsafe { prp::fill(sqe, &self.segs, list, list_iova, sgl) } {
@@ -438,7 +453,12 @@ impl IoQpair {
     fn complete(&mut self, cqe: Cqe) {
         let cid = cqe.cid as usize;
         if self.cmds.get(cid).is_none_or(|c| c.req == FREE) {
-            tracing::error!(ctrl = self.ctrl.name(), qid = self.q.qid, cid, "completion for a command not in flight; ignored");
+            tracing::error!(
+                ctrl = self.ctrl.name(),
+                qid = self.q.qid,
+                cid,
+                "completion for a command not in flight; ignored"
+            );
             return;
         }
         let status = cqe.status();
@@ -573,7 +593,11 @@ impl Drop for IoQpair {
         let gone = !self.live || self.ctrl.delete_io_queues(self.q.qid, self.generation).is_ok();
         if !gone && self.ctrl.generation() == self.generation {
             // The controller may still write the queue and the buffers: leak them.
-            tracing::error!(ctrl = self.ctrl.name(), qid = self.q.qid, "deleting an I/O queue pair failed; its memory is leaked");
+            tracing::error!(
+                ctrl = self.ctrl.name(),
+                qid = self.q.qid,
+                "deleting an I/O queue pair failed; its memory is leaked"
+            );
             for r in self.reqs.drain(..).flatten() {
                 std::mem::forget(r.io);
             }

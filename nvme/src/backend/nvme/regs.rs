@@ -46,7 +46,11 @@ impl Regs {
 
     #[inline]
     fn at(&self, offset: usize) -> *mut u32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len, "register offset {offset:#x} outside BAR0 ({} bytes)", self.len);
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.len,
+            "register offset {offset:#x} outside BAR0 ({} bytes)",
+            self.len
+        );
         // SAFETY: in bounds (checked above).
         unsafe { self.base.add(offset).cast() }
     }

@@ -347,7 +347,14 @@ impl Status {
 
 impl std::fmt::Debug for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (SCT {:#x}, SC {:#04x}{})", self.name(), self.sct(), self.sc(), if self.dnr() { ", DNR" } else { "" })
+        write!(
+            f,
+            "{} (SCT {:#x}, SC {:#04x}{})",
+            self.name(),
+            self.sct(),
+            self.sc(),
+            if self.dnr() { ", DNR" } else { "" }
+        )
     }
 }
 
@@ -582,6 +589,9 @@ mod tests {
         assert_eq!(Sqe::create_sq(3, 256, 0, 3).cdw10, 255 << 16 | 3);
         assert_eq!(Sqe::set_num_queues(4).cdw11, 3 << 16 | 3);
         let cap = Cap::decode(0x0000_0020_1000_07ff | 1 << 37);
-        assert_eq!((cap.max_entries, cap.timeout_ms, cap.doorbell_stride, cap.nvm, cap.page_min), (2048, 8000, 4, true, 4096));
+        assert_eq!(
+            (cap.max_entries, cap.timeout_ms, cap.doorbell_stride, cap.nvm, cap.page_min),
+            (2048, 8000, 4, true, 4096)
+        );
     }
 }
