@@ -18,7 +18,7 @@ use crate::vfio::{Kernel, VfioDevice};
 
 const RESETTING: u64 = 1;
 const FAILED: u64 = 2;
-const GEN_SHIFT: u32 = 2;
+pub(crate) const GEN_SHIFT: u32 = 2;
 
 /// The controller state queue pairs watch (one atomic load per poll).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +193,12 @@ impl Controller {
     pub(crate) fn state(&self) -> CtrlState {
         let s = self.state.load(Ordering::Acquire);
         CtrlState { generation: s >> GEN_SHIFT, resetting: s & RESETTING != 0, failed: s & FAILED != 0 }
+    }
+
+    /// The raw state: `generation << GEN_SHIFT` while neither resetting nor failed.
+    #[inline]
+    pub(crate) fn state_word(&self) -> u64 {
+        self.state.load(Ordering::Acquire)
     }
 
     pub(crate) fn generation(&self) -> u64 {

@@ -220,8 +220,15 @@ impl IoQpair {
     }
 
     /// Makes sure the queues exist on the controller, catching up with
-    /// controller resets. Returns whether commands may be issued.
+    /// controller resets. Returns whether commands may be issued. One atomic
+    /// load while nothing changed.
+    #[inline]
     fn ensure_live(&mut self) -> bool {
+        (self.live && self.ctrl.state_word() == self.generation << super::ctrlr::GEN_SHIFT) || self.catch_up()
+    }
+
+    #[cold]
+    fn catch_up(&mut self) -> bool {
         let state = self.ctrl.state();
         if state.generation != self.generation {
             // The controller was disabled since these queues were made: it no
@@ -302,8 +309,10 @@ impl IoQpair {
                     self.complete_now(route, io, Err(IoError::Invalid));
                     return Ok(());
                 }
-                let segs = bufs.iter().map(|b| Seg { addr: b.iova(), len: b.len() as u32 });
-                let fits = prp::prp_compatible(segs) || (self.ctrl.sgl() && bufs.len() <= SGL_LIST_ENTRIES);
+                // One buffer always fits PRPs (it starts on a 4 KiB boundary).
+                let fits = bufs.len() == 1
+                    || prp::prp_compatible(bufs.iter().map(|b| Seg { addr: b.iova(), len: b.len() as u32 }))
+                    || (self.ctrl.sgl() && bufs.len() <= SGL_LIST_ENTRIES);
                 if !fits && bufs.iter().any(|b| b.len() % (1 << shift) != 0) {
                     tracing::error!(
                         ctrl = self.ctrl.name(),
@@ -331,8 +340,16 @@ impl IoQpair {
         if let Route::Live { count, .. } = &mut self.routes[route as usize] {
             *count += 1;
         }
-        self.waiting.push_back(index);
-        self.issue(now);
+        if self.waiting.is_empty() {
+            // Nothing ahead of it: issue it directly, queueing only what does not fit.
+            self.issue_one(index, now);
+            if self.reqs[index as usize].as_ref().is_some_and(|r| r.queued) {
+                self.waiting.push_back(index);
+            }
+        } else {
+            self.waiting.push_back(index);
+            self.issue(now);
+        }
         Ok(())
     }
 
@@ -408,20 +425,31 @@ impl IoQpair {
         true
     }
 
-    /// Issues commands of waiting requests while command ids are free.
+    /// Issues commands of waiting requests, in order, while command ids are free.
     fn issue(&mut self, now: u64) {
         while let Some(&r) = self.waiting.front() {
-            let Some(cid) = self.free_cids.pop() else { break };
+            if !self.issue_one(r, now) {
+                break;
+            }
+            self.waiting.pop_front();
+        }
+    }
+
+    /// Issues the commands of request `r` while command ids are free. Returns
+    /// whether it has none left to issue (then it is no longer `queued`, and
+    /// finished if nothing of it is in flight).
+    fn issue_one(&mut self, r: u32, now: u64) -> bool {
+        loop {
+            let Some(cid) = self.free_cids.pop() else { return false };
             let mut sqe = Sqe::default();
             if !self.build(r, cid, &mut sqe) {
                 self.free_cids.push(cid);
-                self.waiting.pop_front();
-                let req = self.reqs[r as usize].as_mut().expect("waiting requests exist");
+                let req = self.reqs[r as usize].as_mut().expect("issued requests exist");
                 req.queued = false;
                 if req.inflight == 0 {
                     self.finish(r);
                 }
-                continue;
+                return true;
             }
             sqe.set_cid(cid);
             self.q.push(&sqe);
