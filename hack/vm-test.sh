@@ -41,7 +41,8 @@ if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
   echo "vm-test: fetching the guest kernel (Debian linux-image-amd64)" >&2
   rm -rf "$kdir" "$cache/debs" && mkdir -p "$cache/debs" && (
     cd "$cache/debs" &&
-      apt-get download linux-image-amd64 2>/dev/null &&
+      { apt-get download linux-image-amd64 2>/dev/null ||
+        { apt-get update -qq >/dev/null && apt-get download linux-image-amd64 2>/dev/null; }; } &&
       pkg=$(dpkg-deb -f linux-image-amd64_*.deb Depends | sed -E 's/^(linux-image-[^ ,]+).*/\1/') &&
       apt-get download "$pkg" 2>/dev/null &&
       dpkg -x "$pkg"_*.deb "$kdir"

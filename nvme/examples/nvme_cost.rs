@@ -17,7 +17,7 @@ use std::hint::black_box;
 
 use nvme::nvme::{IoQpair, NvmeAttachConfig, attach_twin, controller};
 use nvme::vfio::twin::{TwinKernel, TwinSpec};
-use nvme::{BdevRegistry, Io, null};
+use nvme::{BdevRegistry, Completion, Io, null};
 use pmd::{DmaBuf, Reactor};
 
 const DEPTH: usize = 32;
@@ -34,14 +34,10 @@ fn main() {
     println!("{mode}: {done} I/Os");
 }
 
-fn driver(n: usize) -> usize {
-    let kernel = TwinKernel::new(vec![TwinSpec::nvme("0000:00:05.0", 5)]);
-    let registry = BdevRegistry::new();
-    attach_twin(&registry, &NvmeAttachConfig::pcie("Nvme0", "0000:00:05.0"), &kernel).unwrap();
-    let ctrl = controller("Nvme0").unwrap();
-    let mut qp = IoQpair::open(&ctrl).unwrap();
-    let emu = kernel.emu("0000:00:05.0").unwrap();
-    kernel.set_manual(true);
+/// Keeps `DEPTH` random 4 KiB reads in flight until `n` completed:
+/// `submit(now, io)` takes one, `round(now, out)` runs one polling round and
+/// appends what completed.
+fn run(n: usize, mut submit: impl FnMut(u64, Io), mut round: impl FnMut(u64, &mut Vec<Completion>)) -> usize {
     let mut free: Vec<DmaBuf> = (0..DEPTH).map(|_| DmaBuf::new(4096).unwrap()).collect();
     let mut out = Vec::with_capacity(DEPTH);
     let mut rng = fastrand::Rng::with_seed(1);
@@ -50,14 +46,11 @@ fn driver(n: usize) -> usize {
         while submitted < n
             && let Some(buf) = free.pop()
         {
-            measured_submit(&mut qp, now, Io::read(rng.u64(0..16384), buf, submitted as u64));
+            submit(now, Io::read(rng.u64(0..16384), buf, submitted as u64));
             submitted += 1;
         }
-        measured_poll(&mut qp, now); // rings the SQ doorbell
-        emu.lock().unwrap().step(); // the device: not the driver's cost
         now += 1000;
-        measured_poll(&mut qp, now); // reaps the CQ
-        measured_completions(&mut qp, &mut out);
+        round(now, &mut out);
         for c in out.drain(..) {
             assert!(c.status.is_ok());
             free.push(c.bufs.into_one().unwrap());
@@ -67,36 +60,39 @@ fn driver(n: usize) -> usize {
     black_box(completed)
 }
 
+fn driver(n: usize) -> usize {
+    let kernel = TwinKernel::new(vec![TwinSpec::nvme("0000:00:05.0", 5)]);
+    let registry = BdevRegistry::new();
+    attach_twin(&registry, &NvmeAttachConfig::pcie("Nvme0", "0000:00:05.0"), &kernel).unwrap();
+    let ctrl = controller("Nvme0").unwrap();
+    let qp = std::cell::RefCell::new(IoQpair::open(&ctrl).unwrap());
+    let emu = kernel.emu("0000:00:05.0").unwrap();
+    kernel.set_manual(true);
+    run(
+        n,
+        |now, io| measured_submit(&mut qp.borrow_mut(), now, io),
+        |now, out| {
+            let mut qp = qp.borrow_mut();
+            measured_poll(&mut qp, now); // rings the SQ doorbell
+            emu.lock().unwrap().step(); // the device: not the driver's cost
+            measured_poll(&mut qp, now); // reaps the CQ
+            measured_completions(&mut qp, out);
+        },
+    )
+}
+
 fn null_bdev(n: usize) -> usize {
     let registry = BdevRegistry::new();
-    null::create(
-        &registry,
-        &null::NullConfig { name: "Null0".into(), num_blocks: 16384, block_size: 4096, uuid: None },
-    )
-    .unwrap();
+    let config = null::NullConfig { name: "Null0".into(), num_blocks: 16384, block_size: 4096, uuid: None };
+    null::create(&registry, &config).unwrap();
     let desc = registry.open("Null0", false).unwrap();
     let mut reactor = Reactor::group(1).pop().unwrap();
-    let mut ch = reactor.with_ctx(|ctx| desc.channel(ctx)).unwrap();
-    let mut free: Vec<DmaBuf> = (0..DEPTH).map(|_| DmaBuf::new(4096).unwrap()).collect();
-    let mut out = Vec::with_capacity(DEPTH);
-    let mut rng = fastrand::Rng::with_seed(1);
-    let (mut submitted, mut completed, mut now) = (0, 0, 0u64);
-    while completed < n {
-        while submitted < n
-            && let Some(buf) = free.pop()
-        {
-            measured_null_submit(&mut ch, now, Io::read(rng.u64(0..16384), buf, submitted as u64));
-            submitted += 1;
-        }
-        now += 1000;
-        measured_null_poll(&mut ch, now, &mut out);
-        for c in out.drain(..) {
-            assert!(c.status.is_ok());
-            free.push(c.bufs.into_one().unwrap());
-            completed += 1;
-        }
-    }
-    black_box(completed)
+    let ch = std::cell::RefCell::new(reactor.with_ctx(|ctx| desc.channel(ctx)).unwrap());
+    run(
+        n,
+        |now, io| measured_null_submit(&mut ch.borrow_mut(), now, io),
+        |now, out| measured_null_poll(&mut ch.borrow_mut(), now, out),
+    )
 }
 
 #[inline(never)]
@@ -110,7 +106,7 @@ fn measured_poll(qp: &mut IoQpair, now: u64) {
 }
 
 #[inline(never)]
-fn measured_completions(qp: &mut IoQpair, out: &mut Vec<nvme::Completion>) {
+fn measured_completions(qp: &mut IoQpair, out: &mut Vec<Completion>) {
     qp.completions(out);
 }
 
@@ -120,6 +116,6 @@ fn measured_null_submit(ch: &mut nvme::BdevChannel, now: u64, io: Io) {
 }
 
 #[inline(never)]
-fn measured_null_poll(ch: &mut nvme::BdevChannel, now: u64, out: &mut Vec<nvme::Completion>) {
+fn measured_null_poll(ch: &mut nvme::BdevChannel, now: u64, out: &mut Vec<Completion>) {
     ch.poll(now, out);
 }
