@@ -49,6 +49,7 @@ fn describe(c: &Controller) -> Value {
         "name": c.name(),
         "trid": { "trtype": "pcie", "traddr": c.traddr() },
         "model": d.model, "serial": d.serial, "firmware": d.firmware, "vid": d.vid, "cntlid": d.cntlid,
+        "nvme_version": c.version(),
         "max_transfer_bytes": c.max_transfer(), "sgl": d.sgl, "volatile_write_cache": d.vwc,
         "io_queues": c.io_queues(), "io_queues_in_use": c.io_queues_in_use(), "io_queue_entries": c.queue_entries(),
         "resets": c.resets(),

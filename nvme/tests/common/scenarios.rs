@@ -73,6 +73,7 @@ pub fn identify_matches_the_configuration(rig: &mut Rig) {
         assert_eq!(c.data().serial, spec.serial);
         assert!(c.data().model.starts_with(spec.model), "model {:?}", c.data().model);
         assert_eq!(c.max_transfer(), spec.mdts_bytes.min(2 << 20));
+        assert!(c.version().starts_with("1."), "NVMe version {}", c.version());
         let got: Vec<(u32, u64)> = c.namespaces().iter().map(|n| (n.data.block_size, n.data.nsze)).collect();
         assert_eq!(got, spec.namespaces);
         for (i, &(bs, blocks)) in spec.namespaces.iter().enumerate() {

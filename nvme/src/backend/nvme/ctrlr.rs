@@ -44,6 +44,8 @@ pub struct Controller {
     pub(crate) config: NvmeAttachConfig,
     pub(crate) regs: Arc<Regs>,
     cap: Cap,
+    /// The VS register: NVMe version the controller implements.
+    version: u32,
     data: ControllerData,
     namespaces: Vec<Namespace>,
     admin: Mutex<Admin>,
@@ -85,6 +87,7 @@ impl Controller {
                 format!("the controller lacks the NVM command set or 4 KiB pages ({cap:?})"),
             ));
         }
+        let version = regs.read32(reg::VS);
         regs.set_doorbell_stride(cap.doorbell_stride);
         let mut aq = Queue::new(regs.clone(), 0, ADMIN_ENTRIES.min(cap.max_entries))?;
         let mut admin_page = DmaBuf::zeroed(4096)?;
@@ -112,6 +115,7 @@ impl Controller {
             queue_entries: config.io_queue_depth.clamp(2, cap.max_entries),
             max_transfer: mdts.min(2 << 20),
             cap,
+            version,
             data,
             namespaces,
             admin: Mutex::new(admin),
@@ -149,6 +153,11 @@ impl Controller {
     /// What Identify Controller said.
     pub fn data(&self) -> &ControllerData {
         &self.data
+    }
+
+    /// The NVMe version the controller implements (VS), e.g. `1.4.0`.
+    pub fn version(&self) -> String {
+        format!("{}.{}.{}", self.version >> 16, (self.version >> 8) & 0xff, self.version & 0xff)
     }
 
     /// The active namespaces.
