@@ -3,6 +3,7 @@
 #   hack/deps.sh run     build and run a server
 #   hack/deps.sh test    the test suite (adds cargo-nextest)
 #   hack/deps.sh bench   the benchmarks (adds fio, valgrind, matplotlib)
+#   hack/deps.sh vm      the QEMU guest of hack/vm-test.sh (qemu, busybox, cpio)
 set -euo pipefail
 
 step=${1:-run}
@@ -13,9 +14,10 @@ want() { for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p"); don
 want ca-certificates gcc libc6-dev pkg-config util-linux python3
 case "$step" in
   run) ;;
-  test) ;;
+  test) want qemu-system-x86 cpio busybox-static ;;
+  vm) want qemu-system-x86 cpio busybox-static ;;
   bench) want fio valgrind python3-matplotlib ;;
-  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 run|test|vm|bench" >&2; exit 2 ;;
 esac
 
 if ((${#need_apt[@]})); then

@@ -480,11 +480,7 @@ fn bdevperf_verifies_every_byte_and_fails_loudly_on_corruption() {
 
     let bad =
         claudefs(&["bdevperf", "-c", good.to_str().unwrap(), "-q", "4", "-o", "1000", "-w", "randread", "-t", "1"]);
-    assert!(
-        stderr(&bad).contains("-o 1000 is not a multiple of the 512-byte block size of M0"),
-        "{}",
-        stderr(&bad)
-    );
+    assert!(stderr(&bad).contains("-o 1000 is not a multiple of the 512-byte block size of M0"), "{}", stderr(&bad));
 }
 
 #[test]
@@ -623,4 +619,29 @@ fn rpc_reference_in_docs_matches_the_server() {
         committed == md,
         "docs/rpc.md is stale: regenerate it with UPDATE_DOCS=1 cargo test --test server rpc_reference"
     );
+}
+
+#[test]
+fn nvme_methods_name_what_is_wrong_without_hardware() {
+    let s = Server::start(&[], None);
+    assert_eq!(s.call("bdev_nvme_get_controllers", Value::Null).unwrap(), json!([]));
+    let (code, msg) =
+        s.call("bdev_nvme_attach_controller", json!({"name": "Nvme0", "traddr": "0000:7f:1f.7"})).unwrap_err();
+    assert_eq!(code, -(libc::ENODEV as i64), "{msg}");
+    assert!(msg.contains("no PCI device 0000:7f:1f.7") && msg.contains("hack/setup.sh status"), "{msg}");
+    let (code, msg) = s.call("bdev_nvme_attach_controller", json!({"name": "Nvme0", "traddr": "7f:1f.7"})).unwrap_err();
+    assert_eq!(code, -(libc::EINVAL as i64));
+    assert!(msg.contains("domain:bus:device.function"), "{msg}");
+    let (code, msg) = s
+        .call("bdev_nvme_attach_controller", json!({"name": "Nvme0", "traddr": "0000:00:05.0", "trtype": "tcp"}))
+        .unwrap_err();
+    assert_eq!(code, -(libc::EINVAL as i64));
+    assert!(msg.contains("\"tcp\" is not supported"), "{msg}");
+    let (code, _) = s.call("bdev_nvme_detach_controller", json!({"name": "Nvme0"})).unwrap_err();
+    assert_eq!(code, -(libc::ENODEV as i64));
+    let (code, _) = s.call("bdev_nvme_get_controller_health_info", json!({"name": "Nvme0"})).unwrap_err();
+    assert_eq!(code, -(libc::ENODEV as i64));
+    let (code, msg) = s.call("bdev_nvme_attach_controller", json!({"traddr": "0000:00:05.0"})).unwrap_err();
+    assert_eq!(code, -32602, "a missing name is an invalid parameter: {msg}");
+    assert!(s.stop().status.success());
 }

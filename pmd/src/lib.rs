@@ -36,7 +36,7 @@ pub mod task;
 
 pub use channel::{IoChannel, IoDevice, WeakIoChannel};
 pub use cpuset::{CoreMask, CoreMaskError};
-pub use dma::{DmaBuf, DmaError};
+pub use dma::{DmaBuf, DmaError, DmaListener};
 pub use reactor::{
     Armed, Ctx, Message, PollOutcome, PollStatus, PollerId, PollerInfo, Reactor, ReactorHandle, ReactorId, ReactorSeed,
     ReactorStatsSnapshot, WakeSource,

@@ -103,7 +103,7 @@ impl MallocChannel {
                 };
                 match io.bufs.single_segment() {
                     Some(seg) => copy(seg),
-                    None => io.bufs.segments().into_iter().for_each(copy),
+                    None => io.bufs.segments().for_each(copy),
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {

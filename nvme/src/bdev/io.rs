@@ -71,6 +71,48 @@ pub struct Segment {
     pub region: Option<u32>,
 }
 
+impl Segment {
+    fn whole(b: &DmaBuf) -> Segment {
+        Segment { ptr: b.dma_ptr(), len: b.len(), region: b.region() }
+    }
+
+    fn part(p: &BufPart) -> Segment {
+        debug_assert!(p.offset + p.len <= p.buf.len());
+        // SAFETY: the part lies within the buffer (checked when the part was made).
+        let ptr = unsafe { p.buf.dma_ptr().add(p.offset) };
+        Segment { ptr, len: p.len, region: p.buf.region() }
+    }
+}
+
+/// The segments of a transfer, in order (see [`IoBufs::segments`]).
+#[derive(Debug, Clone)]
+pub struct Segments<'a> {
+    bufs: &'a IoBufs,
+    next: usize,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        let seg = match self.bufs {
+            IoBufs::None => None,
+            IoBufs::One(b) => (self.next == 0).then(|| Segment::whole(b)),
+            IoBufs::Many(v) => v.get(self.next).map(Segment::whole),
+            IoBufs::Parts(v) => v.get(self.next).map(Segment::part),
+        };
+        self.next += seg.is_some() as usize;
+        seg
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.bufs.segment_count() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Segments<'_> {}
+
 /// The data buffers of an I/O: none, one, a scatter list, or parts of shared buffers.
 #[derive(Debug, Default)]
 pub enum IoBufs {
@@ -102,39 +144,24 @@ impl IoBufs {
         self.len() == 0
     }
 
-    /// The memory of the transfer, in order, for device drivers.
-    pub fn segments(&self) -> Vec<Segment> {
-        let whole = |b: &DmaBuf| Segment { ptr: b.dma_ptr(), len: b.len(), region: b.region() };
+    /// The memory of the transfer, in order, for device drivers (no allocation).
+    pub fn segments(&self) -> Segments<'_> {
+        Segments { bufs: self, next: 0 }
+    }
+
+    /// How many segments the transfer has.
+    pub fn segment_count(&self) -> usize {
         match self {
-            IoBufs::None => Vec::new(),
-            IoBufs::One(b) => vec![whole(b)],
-            IoBufs::Many(v) => v.iter().map(whole).collect(),
-            IoBufs::Parts(v) => v
-                .iter()
-                .map(|p| {
-                    debug_assert!(p.offset + p.len <= p.buf.len());
-                    // SAFETY: the part lies within the buffer (checked when the part was made).
-                    let ptr = unsafe { p.buf.dma_ptr().add(p.offset) };
-                    Segment { ptr, len: p.len, region: p.buf.region() }
-                })
-                .collect(),
+            IoBufs::None => 0,
+            IoBufs::One(_) => 1,
+            IoBufs::Many(v) => v.len(),
+            IoBufs::Parts(v) => v.len(),
         }
     }
 
-    /// The only segment, if the transfer is one contiguous piece (no allocation).
+    /// The only segment, if the transfer is one contiguous piece.
     pub fn single_segment(&self) -> Option<Segment> {
-        match self {
-            IoBufs::One(b) => Some(Segment { ptr: b.dma_ptr(), len: b.len(), region: b.region() }),
-            IoBufs::Many(v) if v.len() == 1 => {
-                Some(Segment { ptr: v[0].dma_ptr(), len: v[0].len(), region: v[0].region() })
-            }
-            IoBufs::Parts(v) if v.len() == 1 => {
-                // SAFETY: the part lies within the buffer.
-                let ptr = unsafe { v[0].buf.dma_ptr().add(v[0].offset) };
-                Some(Segment { ptr, len: v[0].len, region: v[0].buf.region() })
-            }
-            _ => None,
-        }
+        if self.segment_count() == 1 { self.segments().next() } else { None }
     }
 
     /// Takes the single buffer, if there is exactly one owned buffer.

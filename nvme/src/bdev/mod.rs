@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use channel::BdevChannel;
-pub use io::{BufPart, Completion, Io, IoBufs, IoError, IoType, Segment};
+pub use io::{BufPart, Completion, Io, IoBufs, IoError, IoType, Segment, Segments};
 
 use crate::BdevConfig;
 use crate::backend::Backend;
