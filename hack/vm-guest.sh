@@ -81,6 +81,12 @@ bdevperf_verify() {
   "$bin" bdevperf -c "$config" -q 16 -o 64k -w verify -t 4 -m 0x3 --hugepages require
 }
 
+# The blobstore on the driver: 16 KiB clusters and 48 KiB requests, so requests
+# split into parts of one buffer at cluster boundaries (and at MDTS on Nvme1).
+blob_verify() {
+  "$bin" bdevperf -c "$config" -q 16 -o 48k -w verify -t 4 -m 0x3 --hugepages require --blobstore 16k -b Nvme0n1 -b Nvme1n1
+}
+
 rpc() { "$bin" rpc -s /tmp/cfs.sock "$@"; }
 
 rpcs() {
@@ -135,6 +141,7 @@ step "setup.sh refuses a controller with a mounted file system" refuses_mounted
 step "setup.sh binds the free controllers to vfio-pci" binds
 step "driver integration tests (nvme/tests/vfio.rs)" integration_tests
 step "claudefs bdevperf -w verify on both controllers" bdevperf_verify
+step "bdevperf -w verify through a blob on both controllers" blob_verify
 step "bdev_nvme_* RPCs against a server" rpcs
 step "setup.sh reset gives the controllers back to nvme" gives_back
 
