@@ -73,18 +73,10 @@ impl BlobIo {
     }
 }
 
-/// The end of a blob request.
-#[derive(Debug)]
-pub struct BlobCompletion {
-    /// The request's tag.
-    pub tag: u64,
-    /// The request's kind.
-    pub op: IoType,
-    /// Success or why not.
-    pub status: Result<(), IoError>,
-    /// The buffers, handed back.
-    pub bufs: IoBufs,
-}
+/// The end of a blob request: the bdev layer's completion, with the blob
+/// request's tag (so a user of blobs and bdevs handles both alike, and a
+/// single-cluster request's completion passes through unchanged).
+pub type BlobCompletion = Completion;
 
 /// How a split request's buffers go back to the user.
 enum Shape {
@@ -243,7 +235,7 @@ impl BsChannel {
     }
 
     fn fail(&mut self, io: BlobIo, e: IoError) {
-        self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Err(e), bufs: io.bufs });
+        self.done.push(Completion { tag: io.tag, op: io.op, status: Err(e), bufs: io.bufs });
     }
 
     /// Takes a blob request. Its completion comes from a later [`BsChannel::take_done`].
@@ -367,10 +359,10 @@ impl BsChannel {
         let zero_fill = io.op == IoType::Read && device.len() < pieces.len();
         if zero_fill && device.is_empty() {
             io.bufs.fill(0, io.bufs.len(), 0);
-            return self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
+            return self.done.push(Completion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
         }
         if device.is_empty() {
-            return self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
+            return self.done.push(Completion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
         }
         let direct = device.len() == 1 && !zero_fill && !matches!(io.bufs, IoBufs::Parts(_));
         let (bufs, shared) = if direct || io.bufs.is_empty() {
@@ -447,7 +439,7 @@ impl BsChannel {
             match slot {
                 Slot::Single { tag, epoch } => {
                     self.inflight[epoch as usize] -= 1;
-                    self.done.push(BlobCompletion { tag, op: c.op, status: c.status, bufs: c.bufs });
+                    self.done.push(Completion { tag, ..c });
                 }
                 Slot::Data(r) => self.data_done(r, c),
                 Slot::Md(w) => {
@@ -502,7 +494,7 @@ impl BsChannel {
             Bufs::Shared(ranges, shape) => unshare(ranges, shape),
             Bufs::None => IoBufs::None,
         };
-        self.done.push(BlobCompletion { tag: req.tag, op: req.op, status: req.status, bufs });
+        self.done.push(Completion { tag: req.tag, op: req.op, status: req.status, bufs });
     }
 
     fn restart_parked(&mut self, now: u64) {
