@@ -79,6 +79,9 @@ pub enum BlobError {
     /// The store's home reactor stopped.
     #[error("the blobstore's home reactor stopped")]
     HomeGone,
+    /// The reactor asked to run a request stopped.
+    #[error("the reactor asked to run a blob request stopped")]
+    ReactorGone,
     /// The bdev could not be used.
     #[error(transparent)]
     Bdev(#[from] nvme::BdevError),
@@ -111,7 +114,7 @@ impl BlobError {
             Self::Open { .. } | Self::HasClones { .. } | Self::Busy(_) => libc::EBUSY,
             Self::ReadOnly(_) => libc::EROFS,
             Self::Unloaded => libc::ENODEV,
-            Self::HomeGone => libc::ESHUTDOWN,
+            Self::HomeGone | Self::ReactorGone => libc::ESHUTDOWN,
             Self::Bdev(e) => e.errno(),
             Self::Dma(_) => libc::ENOMEM,
         }
