@@ -79,6 +79,9 @@ pub enum BlobError {
     /// The store's home reactor stopped.
     #[error("the blobstore's home reactor stopped")]
     HomeGone,
+    /// The file system's metadata group failed to start or to serve.
+    #[error("metadata group: {0}")]
+    MetaGroup(String),
     /// The reactor asked to run a request stopped.
     #[error("the reactor asked to run a blob request stopped")]
     ReactorGone,
@@ -115,6 +118,7 @@ impl BlobError {
             Self::ReadOnly(_) => libc::EROFS,
             Self::Unloaded => libc::ENODEV,
             Self::HomeGone | Self::ReactorGone => libc::ESHUTDOWN,
+            Self::MetaGroup(_) => libc::EIO,
             Self::Bdev(e) => e.errno(),
             Self::Dma(_) => libc::ENOMEM,
         }

@@ -182,6 +182,11 @@ impl Blobstore {
         rx.await.map_err(|_| BlobError::HomeGone)?
     }
 
+    /// The store's home reactor (where its metadata lives).
+    pub fn home(&self) -> &ReactorHandle {
+        &self.shared.home
+    }
+
     /// The bdev holding the store.
     pub fn bdev_name(&self) -> String {
         self.shared.desc.bdev().name().to_string()

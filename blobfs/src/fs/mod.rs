@@ -15,6 +15,7 @@
 //! plugs in.
 
 pub mod cmd;
+pub mod raft;
 pub mod state;
 pub mod types;
 
