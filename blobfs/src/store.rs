@@ -182,6 +182,11 @@ impl Blobstore {
         rx.await.map_err(|_| BlobError::HomeGone)?
     }
 
+    /// Clusters free now (a moment's figure: other users allocate too).
+    pub fn free_clusters(&self) -> u64 {
+        self.shared.free_clusters.load(Ordering::Relaxed)
+    }
+
     /// The store's home reactor (where its metadata lives).
     pub fn home(&self) -> &ReactorHandle {
         &self.shared.home

@@ -49,6 +49,10 @@ pub struct SetAttr {
     pub mtime: Option<Time>,
     /// New creation time.
     pub btime: Option<Time>,
+    /// With a size that ends inside a mapped chunk: that chunk rewritten
+    /// with its tail past the new end zeroed (index, where it now is), so
+    /// the size and the data change together.
+    pub tail: Option<(u64, ChunkRef)>,
 }
 
 /// A change to the metadata.

@@ -15,11 +15,14 @@
 //! plugs in.
 
 pub mod cmd;
+pub mod data;
+mod files;
 pub mod raft;
 pub mod state;
 pub mod types;
 
 pub use cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+pub use files::FileSystem;
 pub use state::{MetaState, Usage};
 pub use types::{Attr, ChunkRef, Creator, DirEntry, Errno, FileKind, Ino, ROOT, Time};
 

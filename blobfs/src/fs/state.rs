@@ -162,6 +162,17 @@ impl MetaState {
         Ok(self.inodes.get(&ino).ok_or(Errno::ENOENT)?.xattrs.keys().map(Vec::as_slice))
     }
 
+    /// Every chunk of every file (to rebuild the data allocator).
+    pub fn all_chunks(&self) -> impl Iterator<Item = ChunkRef> + '_ {
+        self.inodes
+            .values()
+            .flat_map(|i| match &i.body {
+                Body::File { chunks } => Some(chunks.values().copied()),
+                _ => None,
+            })
+            .flatten()
+    }
+
     /// A file's chunks from index `first` on, in order (holes are missing).
     pub fn chunks(&self, ino: Ino, first: u64) -> Result<impl Iterator<Item = (u64, ChunkRef)> + '_, Errno> {
         match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
@@ -645,12 +656,18 @@ impl MetaState {
         let chunk_size = self.chunk_size;
         let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         let mut freed = Vec::new();
+        if set.tail.is_some() && set.size.is_none() {
+            return Err(Errno::EINVAL);
+        }
         if let Some(size) = set.size {
             let Body::File { chunks } = &mut inode.body else {
                 return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
             };
             if size > FILE_SIZE_MAX {
                 return Err(Errno::EFBIG);
+            }
+            if set.tail.is_some_and(|(index, _)| size == 0 || index != (size - 1) / chunk_size) {
+                return Err(Errno::EINVAL);
             }
             if size < inode.attr.size {
                 // Chunks wholly past the new end go; the one holding it stays
@@ -659,6 +676,13 @@ impl MetaState {
                 let gone = chunks.split_off(&keep);
                 self.usage.data_pages -= gone.values().map(|c| u64::from(c.pages)).sum::<u64>();
                 freed.extend(gone.into_values());
+            }
+            if let Some((index, chunk)) = set.tail {
+                self.usage.data_pages += u64::from(chunk.pages);
+                if let Some(old) = chunks.insert(index, chunk) {
+                    self.usage.data_pages -= u64::from(old.pages);
+                    freed.push(old);
+                }
             }
             if size != inode.attr.size && set.mtime.is_none() {
                 inode.attr.mtime = now;
