@@ -94,13 +94,14 @@ pub mod flags {
     pub const BULK: u16 = 1 << 1;
     /// A response carrying a [`super::RemoteError`] instead of a result.
     pub const ERROR: u16 = 1 << 2;
-    /// A fragment of a payload streamed in pieces: more frames of the same
-    /// request follow.
-    pub const MORE: u16 = 1 << 3;
+    /// The payload is one piece of a larger one, sent in several frames
+    /// (a message transport without RMA): it starts with a
+    /// [`super::Fragment`] prefix saying where the piece goes.
+    pub const FRAGMENT: u16 = 1 << 3;
     /// On `BulkDone`: it acknowledges a response's bulk payload (else a request's).
     pub const OF_RESPONSE: u16 = 1 << 4;
     /// Every defined bit.
-    pub const ALL: u16 = DIGEST | BULK | ERROR | MORE | OF_RESPONSE;
+    pub const ALL: u16 = DIGEST | BULK | ERROR | FRAGMENT | OF_RESPONSE;
 }
 
 /// CRC32C (Castagnoli), as NVMe/TCP and iSCSI use.
@@ -548,10 +549,10 @@ impl BulkDesc {
         if len > u64::from(max_len) {
             return Err(FrameError::TooLong { length: len, max: max_len.into() });
         }
-        if len < BULK_THRESHOLD as u64 {
+        if len <= MAX_INLINE as u64 {
             return Err(FrameError::Invalid {
                 field: "bulk length",
-                reason: format!("{len} bytes is below the bulk threshold {BULK_THRESHOLD}"),
+                reason: format!("{len} bytes fit in one frame (up to {MAX_INLINE}): no bulk transfer needed"),
             });
         }
         let data_crc = match has_crc {
@@ -560,6 +561,49 @@ impl BulkDesc {
             v => return Err(FrameError::Invalid { field: "bulk crc flag", reason: format!("{v} is neither 0 nor 1") }),
         };
         Ok(Self { addr, len, key, data_crc })
+    }
+}
+
+/// Bytes of a [`Fragment`] prefix.
+pub const FRAGMENT_PREFIX: usize = 16;
+
+/// Where the piece of a fragmented payload goes: the first 16 bytes of a
+/// frame with [`flags::FRAGMENT`]. Fragments may complete out of order (a
+/// provider may finish a large send after a smaller one sent later), so each
+/// says where it belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragment {
+    /// Offset of the piece in the whole payload.
+    pub offset: u64,
+    /// Bytes of the whole payload.
+    pub total: u64,
+}
+
+impl Fragment {
+    /// The prefix bytes.
+    pub fn encode(&self) -> [u8; FRAGMENT_PREFIX] {
+        let mut b = [0u8; FRAGMENT_PREFIX];
+        b[..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..].copy_from_slice(&self.total.to_le_bytes());
+        b
+    }
+
+    /// Splits a fragment frame's payload into its prefix and piece, checking
+    /// that the piece lies inside a whole of at most `max_total` bytes.
+    pub fn decode(b: &[u8], max_total: u32) -> Result<(Self, &[u8]), FrameError> {
+        let mut c = Cursor { b, what: "fragment" };
+        let f = Self { offset: c.u64()?, total: c.u64()? };
+        let piece = c.b;
+        if f.total > u64::from(max_total) {
+            return Err(FrameError::TooLong { length: f.total, max: max_total.into() });
+        }
+        if piece.is_empty() || f.offset.checked_add(piece.len() as u64).is_none_or(|end| end > f.total) {
+            return Err(FrameError::Invalid {
+                field: "fragment",
+                reason: format!("{} bytes at offset {} of a {}-byte payload", piece.len(), f.offset, f.total),
+            });
+        }
+        Ok((f, piece))
     }
 }
 
@@ -573,11 +617,20 @@ pub struct RemoteError {
     pub message: String,
 }
 
+/// Error responses carry at most this many bytes of message (so that they
+/// fit any peer's limit: they are exempt from the maximum message size).
+pub const MAX_ERROR_MESSAGE: usize = 1000;
+
 impl RemoteError {
-    /// The payload bytes: the code, then the UTF-8 message.
+    /// The payload bytes: the code, then the UTF-8 message (cut to
+    /// [`MAX_ERROR_MESSAGE`] bytes at a character boundary).
     pub fn encode(&self) -> Vec<u8> {
+        let mut cut = self.message.len().min(MAX_ERROR_MESSAGE);
+        while !self.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
         let mut b = self.code.to_le_bytes().to_vec();
-        b.extend_from_slice(self.message.as_bytes());
+        b.extend_from_slice(&self.message.as_bytes()[..cut]);
         b
     }
 
@@ -825,9 +878,27 @@ mod tests {
     }
 
     #[test]
+    fn fragments_say_where_they_go_and_stay_inside() {
+        let f = Fragment { offset: 10, total: 15 };
+        let mut b = f.encode().to_vec();
+        b.extend_from_slice(b"abcde");
+        assert_eq!(Fragment::decode(&b, 100).unwrap(), (f, &b"abcde"[..]));
+        b.push(b'f');
+        assert!(matches!(Fragment::decode(&b, 100), Err(FrameError::Invalid { field: "fragment", .. })));
+        assert!(matches!(Fragment::decode(&b, 14), Err(FrameError::TooLong { .. })));
+        assert!(matches!(Fragment::decode(&f.encode(), 100), Err(FrameError::Invalid { .. })), "empty piece");
+        let huge = Fragment { offset: u64::MAX, total: 100 };
+        let mut b = huge.encode().to_vec();
+        b.push(1);
+        assert!(Fragment::decode(&b, 100).is_err());
+    }
+
+    #[test]
     fn remote_errors_round_trip() {
         let e = RemoteError { code: -5, message: "disk on fire".into() };
         assert_eq!(RemoteError::decode(&e.encode()).unwrap(), e);
+        let long = RemoteError { code: 1, message: "é".repeat(MAX_ERROR_MESSAGE) };
+        assert_eq!(long.encode().len(), 4 + MAX_ERROR_MESSAGE, "cut at a character boundary");
         assert!(RemoteError::decode(&[1, 2]).is_err());
     }
 

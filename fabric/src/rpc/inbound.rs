@@ -3,9 +3,14 @@
 
 use super::{CallState, Completion, ConnId, Event, Partial, Request, Rpc};
 use crate::error::FabricError;
-use crate::frame::{BulkDesc, FrameError, Header, Hello, Opcode, Payload, RemoteError, flags};
+use crate::frame::{BulkDesc, Fragment, FrameError, Header, Hello, MAX_ERROR_MESSAGE, Opcode, Payload, RemoteError, flags};
 use crate::stats::{ConnState, ConnStats};
 use crate::transport::Transport;
+
+/// Error responses are exempt from the size limit (their message is bounded).
+fn is_error_response(header: &Header, len: usize) -> bool {
+    header.opcode == Opcode::Response && header.has(flags::ERROR) && len <= 4 + MAX_ERROR_MESSAGE
+}
 
 impl<T: Transport> Rpc<T> {
     fn violation(&mut self, conn: ConnId, reason: String) {
@@ -42,6 +47,12 @@ impl<T: Transport> Rpc<T> {
             }
             _ if state != ConnState::Established => {
                 return self.violation(conn, format!("a {:?} frame before the handshake", header.opcode));
+            }
+            Opcode::Request | Opcode::Response
+                if payload.len() > self.opts.max_message as usize && !is_error_response(&header, payload.len()) =>
+            {
+                let (length, max) = (payload.len() as u64, u64::from(self.opts.max_message));
+                return self.protocol(conn, FrameError::TooLong { length, max });
             }
             Opcode::Request => self.on_request(conn, header, payload),
             Opcode::Response => self.on_response(conn, header, payload),
@@ -81,35 +92,38 @@ impl<T: Transport> Rpc<T> {
         }
     }
 
-    /// Adds a fragment; returns the whole payload once the last one is in.
-    fn reassemble(
-        &mut self,
-        conn: ConnId,
-        header: Header,
-        payload: Payload,
-        is_response: bool,
-    ) -> Option<(Header, Payload)> {
-        let max = self.opts.max_message as usize;
-        let c = self.conns.get_mut(conn)?;
-        let key = (header.request_id, is_response);
-        if !header.has(flags::MORE) && !c.partial.contains_key(&key) {
+    /// Adds a fragment; returns the whole payload once every piece is in.
+    /// Frames without [`flags::FRAGMENT`] pass through.
+    fn reassemble(&mut self, conn: ConnId, header: Header, payload: Payload, is_response: bool) -> Option<(Header, Payload)> {
+        if !header.has(flags::FRAGMENT) {
             return Some((header, payload));
         }
-        let p = c.partial.entry(key).or_insert_with(|| Partial { header, bytes: Vec::new() });
-        if p.bytes.len() + payload.len() > max {
-            let length = (p.bytes.len() + payload.len()) as u64;
-            self.protocol(conn, FrameError::TooLong { length, max: max as u64 });
+        let (f, piece) = match Fragment::decode(&payload, self.opts.max_message) {
+            Ok(x) => x,
+            Err(e) => {
+                self.protocol(conn, e);
+                return None;
+            }
+        };
+        let c = self.conns.get_mut(conn)?;
+        let key = (header.request_id, is_response);
+        let p = c.partial.entry(key).or_insert_with(|| Partial {
+            header: Header { flags: header.flags & !flags::FRAGMENT, credits: 0, ..header },
+            bytes: vec![0u8; f.total as usize],
+            received: 0,
+        });
+        if p.bytes.len() as u64 != f.total || p.received + piece.len() as u64 > f.total {
+            let reason = format!("fragment of request {} disagrees with the earlier ones", header.request_id);
+            self.violation(conn, reason);
             return None;
         }
-        p.bytes.extend_from_slice(&payload);
-        if header.has(flags::MORE) {
+        p.bytes[f.offset as usize..f.offset as usize + piece.len()].copy_from_slice(piece);
+        p.received += piece.len() as u64;
+        if p.received < f.total {
             return None;
         }
         let p = c.partial.remove(&key).expect("present");
-        Some((
-            Header { flags: p.header.flags & !flags::MORE, credits: header.credits, ..p.header },
-            Payload::from(p.bytes),
-        ))
+        Some((Header { length: p.bytes.len() as u32, ..p.header }, Payload::from(p.bytes)))
     }
 
     fn on_request(&mut self, conn: ConnId, header: Header, payload: Payload) {

@@ -225,6 +225,7 @@ struct BulkIn {
 struct Partial {
     header: Header,
     bytes: Vec<u8>,
+    received: u64,
 }
 
 struct Outbound {
@@ -668,18 +669,21 @@ impl<T: Transport> Rpc<T> {
         self.send_fragments_of(conn, header, bytes, digest);
     }
 
-    /// Sends `bytes` as fragments of at most one frame each; only the last
-    /// carries the header's credits.
+    /// Sends `bytes` as fragments that fit one frame each, every one saying
+    /// where it goes; only the first carries the header's credits.
     fn send_fragments_of(&mut self, conn: ConnId, header: Header, bytes: Vec<u8>, digest: bool) {
-        let chunk = self.t.max_frame_payload().max(1);
-        let n = bytes.len().div_ceil(chunk).max(1);
+        let chunk = self.t.max_frame_payload() - frame::FRAGMENT_PREFIX;
+        let total = bytes.len() as u64;
         for (i, piece) in bytes.chunks(chunk).enumerate() {
-            let last = i + 1 == n;
-            let mut h = header;
-            if !last {
-                h = h.flag(flags::MORE).credits(0);
+            let prefix = frame::Fragment { offset: (i * chunk) as u64, total }.encode();
+            let mut p = Vec::with_capacity(prefix.len() + piece.len());
+            p.extend_from_slice(&prefix);
+            p.extend_from_slice(piece);
+            let mut h = header.flag(flags::FRAGMENT);
+            if i > 0 {
+                h = h.credits(0);
             }
-            self.send_frame(conn, h.payload_with(piece, digest), Payload::copy_from(piece));
+            self.send_frame(conn, h.payload_with(&p, digest), Payload::from(p));
         }
     }
 

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use super::{ExposeId, LinkId, Transport, TransportEvent};
 use crate::error::FabricError;
-use crate::frame::{BulkDesc, FrameError, FrameReader, HEADER_LEN, Header, Payload};
+use crate::frame::{BulkDesc, FrameError, FrameReader, HEADER_LEN, Header, MAX_INLINE, Payload};
 use crate::slab::Slab;
 use crate::sys::{Connecting, Poller, Ready, TcpSocket};
 
@@ -78,8 +78,11 @@ fn parse_addr(addr: &str) -> Result<SocketAddr, FabricError> {
 
 impl TcpTransport {
     /// A transport that accepts connections on `listen` (if given) and
-    /// refuses payloads above `max_payload` bytes.
+    /// refuses frames with payloads above `max_payload` bytes (control frames
+    /// up to [`MAX_INLINE`] bytes always pass; the RPC layer checks requests
+    /// and responses against its own limit).
     pub fn new(listen: Option<&str>, max_payload: u32) -> Result<Self, FabricError> {
+        let max_payload = max_payload.max(MAX_INLINE as u32);
         let poller = Poller::new().map_err(|e| FabricError::socket("creating an epoll set for", "tcp", e))?;
         let (listener, local) = match listen {
             Some(a) => {
