@@ -718,6 +718,15 @@ impl FrameReader {
         }
     }
 
+    /// Bytes the unfinished frame needs in all (the header; with the
+    /// payload once the header is in).
+    pub fn needed(&self) -> usize {
+        match &self.state {
+            ReadState::LargeBody { header, .. } | ReadState::SmallBody(header) => HEADER_LEN + header.length as usize,
+            ReadState::Header => HEADER_LEN,
+        }
+    }
+
     /// The next complete frame, `None` if more bytes are needed. After an
     /// error the stream is unusable (the connection must be closed).
     pub fn next_frame(&mut self) -> Result<Option<(Header, Payload)>, FrameError> {

@@ -86,6 +86,7 @@ pub trait Transport {
     /// The peer's address as text.
     fn peer_addr(&self, link: LinkId) -> String;
     /// Queues a frame. Its payload must fit [`Transport::max_frame_payload`].
+    /// Frames for a link that failed are dropped (its `Closed` event tells).
     fn send(&mut self, link: LinkId, header: Header, payload: Payload) -> Result<(), FabricError>;
     /// The 32-bit token naming this link in our hellos. (A connectionless
     /// transport learns the peer's token from the peer's hello, and tags

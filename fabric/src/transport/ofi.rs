@@ -489,7 +489,8 @@ impl Transport for OfiTransport {
                 max: MAX_INLINE as u32,
             });
         }
-        let l = self.links.get_mut(link).ok_or(FabricError::UnknownConnection(link as u32))?;
+        // A link the transport dropped itself (its Closed event is on the way) takes nothing more.
+        let Some(l) = self.links.get_mut(link) else { return Ok(()) };
         if !l.queue.is_empty() {
             l.queue.push_back((header, payload));
             return Ok(());

@@ -175,15 +175,18 @@ impl TcpTransport {
             let want = buf.len();
             match link.sock.read(buf) {
                 Ok(Some(0)) => {
-                    let partial = link.reader.partial();
-                    let reason = if partial > 0 {
-                        format!(
-                            "the peer closed the connection in the middle of a frame ({partial} bytes of it received)"
-                        )
-                    } else {
-                        "the peer closed the connection".to_string()
-                    };
-                    break Err(FabricError::ConnectionLost { peer: link.peer.to_string(), reason });
+                    let peer = link.peer.to_string();
+                    break Err(match link.reader.partial() {
+                        0 => FabricError::ConnectionLost { peer, reason: "the peer closed the connection".into() },
+                        got => FabricError::Protocol {
+                            peer,
+                            source: FrameError::Truncated {
+                                what: "frame (the peer closed the connection)",
+                                needed: link.reader.needed(),
+                                got,
+                            },
+                        },
+                    });
                 }
                 Ok(Some(n)) => {
                     link.reader.advance(n);
@@ -317,7 +320,8 @@ impl Transport for TcpTransport {
     }
 
     fn send(&mut self, link: LinkId, header: Header, payload: Payload) -> Result<(), FabricError> {
-        let l = self.links.get_mut(link).ok_or(FabricError::UnknownConnection(link as u32))?;
+        // A link the transport dropped itself (its Closed event is on the way) takes nothing more.
+        let Some(l) = self.links.get_mut(link) else { return Ok(()) };
         debug_assert_eq!(header.length as usize, payload.len());
         l.out.push_back(Out { header: header.encode(), payload });
         if !l.dirty && !l.connecting {
