@@ -718,7 +718,12 @@ impl Endpoint {
         let detail = if msg.is_null() { String::new() } else { cstr(msg) };
         Err(CompletionError {
             slot: self.slot_of(err.op_context),
-            error: FabricError::Ofi { call: "completion", context: detail, code: err.err, message: strerror(err.err) },
+            error: FabricError::Ofi {
+                call: "completion",
+                context: detail,
+                code: err.err.abs(),
+                message: strerror(err.err),
+            },
         })
     }
 

@@ -44,7 +44,11 @@ fn serve_until_closed(p: &mut Pair, closed: usize, served: &mut usize) {
         if conns.iter().filter(|c| c.state == ConnState::Closed).count() >= closed {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{}: the bad connections were not closed: {conns:#?}", p.kind);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}: the bad connections were not closed: {conns:#?}",
+            p.kind
+        );
     }
 }
 
@@ -110,13 +114,28 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         }
         let conns = p.server.stats().connections();
         let errors: Vec<String> = conns.iter().filter_map(|c| c.last_error.clone()).collect();
-        for want in ["bad magic", "header checksum mismatch", "truncated frame", "payload checksum mismatch", "before the handshake"] {
+        for want in [
+            "bad magic",
+            "header checksum mismatch",
+            "truncated frame",
+            "payload checksum mismatch",
+            "before the handshake",
+        ] {
             assert!(errors.iter().any(|e| e.contains(want)), "a connection closed for {want:?}: {errors:#?}");
         }
         assert_eq!(conns.iter().filter(|c| c.state == ConnState::Established).count(), 1, "the good one stays");
     });
-    for want in ["bad magic", "header checksum mismatch", "truncated frame", "payload checksum mismatch", "before the handshake"] {
-        assert!(logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains(want)), "logged: {want}\n{logs}");
+    for want in [
+        "bad magic",
+        "header checksum mismatch",
+        "truncated frame",
+        "payload checksum mismatch",
+        "before the handshake",
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains(want)),
+            "logged: {want}\n{logs}"
+        );
     }
 }
 
@@ -131,8 +150,10 @@ impl Raw {
     fn new(provider: &str, server: &str) -> Raw {
         use fabric::ofi::{EndpointOptions, InfoList, Query};
         let node = (provider != "shm").then_some("127.0.0.1");
-        let list = InfoList::get(&Query { provider: Some(provider), node, service: None, rma: false }).unwrap().unwrap();
-        let mut ep = fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
+        let list =
+            InfoList::get(&Query { provider: Some(provider), node, service: None, rma: false }).unwrap().unwrap();
+        let mut ep =
+            fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
         let raw = match server.parse::<std::net::SocketAddr>() {
             Ok(sa) => {
                 let std::net::IpAddr::V4(ip) = sa.ip() else { panic!("IPv4 loopback expected") };
@@ -216,13 +237,23 @@ fn bad_messages_on_libfabric_close_only_their_connection() {
             let errors: Vec<String> = conns.iter().filter_map(|c| c.last_error.clone()).collect();
             assert!(errors.iter().any(|e| e.contains("bad magic")), "{kind}: {errors:?}");
             assert!(errors.iter().any(|e| e.contains("truncated")), "{kind}: {errors:?}");
-            assert_eq!(conns.iter().filter(|c| c.state == ConnState::Established).count(), 1, "{kind}: the good one stays");
+            assert_eq!(
+                conns.iter().filter(|c| c.state == ConnState::Established).count(),
+                1,
+                "{kind}: the good one stays"
+            );
             let fabric::transport::AnyTransport::Ofi(t) = p.server.transport() else { unreachable!() };
             assert_eq!(t.rejected(), 2, "{kind}: both messages from the stranger were dropped");
         });
         assert!(logs.contains("dropped a message from an unknown sender"), "{kind}: {logs}");
-        assert!(logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("bad magic")), "{kind}: {logs}");
-        assert!(logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("truncated")), "{kind}: {logs}");
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("bad magic")),
+            "{kind}: {logs}"
+        );
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("truncated")),
+            "{kind}: {logs}"
+        );
     }
 }
 

@@ -135,7 +135,11 @@ fn calls_time_out_and_can_be_cancelled() {
         p.run_until(Duration::from_secs(5), |p| p.done.len() == 2);
         let mut done: Vec<_> = p.done.drain(..).collect();
         done.sort_by_key(|c| c.tag);
-        assert!(matches!(done[0].result, Err(FabricError::TimedOut { method: 9, ms: 50, .. })), "{kind}: {:?}", done[0].result);
+        assert!(
+            matches!(done[0].result, Err(FabricError::TimedOut { method: 9, ms: 50, .. })),
+            "{kind}: {:?}",
+            done[0].result
+        );
         assert_eq!(done[0].call, slow);
         assert!(matches!(done[1].result, Err(FabricError::Cancelled { .. })), "{kind}: {:?}", done[1].result);
         // The server is told about the cancellation and still answers (returning the credits);

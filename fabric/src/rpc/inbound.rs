@@ -3,7 +3,9 @@
 
 use super::{CallState, Completion, ConnId, Event, Partial, Request, Rpc};
 use crate::error::FabricError;
-use crate::frame::{BulkDesc, Fragment, FrameError, Header, Hello, MAX_ERROR_MESSAGE, Opcode, Payload, RemoteError, flags};
+use crate::frame::{
+    BulkDesc, Fragment, FrameError, Header, Hello, MAX_ERROR_MESSAGE, Opcode, Payload, RemoteError, flags,
+};
 use crate::stats::{ConnState, ConnStats};
 use crate::transport::Transport;
 
@@ -94,7 +96,13 @@ impl<T: Transport> Rpc<T> {
 
     /// Adds a fragment; returns the whole payload once every piece is in.
     /// Frames without [`flags::FRAGMENT`] pass through.
-    fn reassemble(&mut self, conn: ConnId, header: Header, payload: Payload, is_response: bool) -> Option<(Header, Payload)> {
+    fn reassemble(
+        &mut self,
+        conn: ConnId,
+        header: Header,
+        payload: Payload,
+        is_response: bool,
+    ) -> Option<(Header, Payload)> {
         if !header.has(flags::FRAGMENT) {
             return Some((header, payload));
         }

@@ -739,9 +739,4 @@ impl<T: Transport> Rpc<T> {
     pub fn is_quiet(&self) -> bool {
         self.calls.len() == 0 && self.serving() == 0 && self.bulk_in.len() == 0
     }
-
-    #[cfg(test)]
-    pub(crate) fn transport_mut(&mut self) -> &mut T {
-        &mut self.t
-    }
 }

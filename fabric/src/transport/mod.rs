@@ -119,6 +119,88 @@ pub trait Transport {
     fn busy(&self) -> bool;
 }
 
+/// libfabric providers `"auto"` tries, best first (all reach other hosts).
+pub const AUTO_PREFERENCE: [&str; 2] = ["verbs;ofi_rxm", "tcp;ofi_rxm"];
+
+/// Which transport to open and how: the parameters of `fabric_listen` and
+/// of `claudefs fabricperf`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransportConfig {
+    /// "tcp" (plain sockets, no libfabric), a libfabric provider
+    /// ("tcp;ofi_rxm", "shm", "verbs;ofi_rxm", ...), or "auto" (the first of
+    /// verbs;ofi_rxm and tcp;ofi_rxm that libfabric offers, else plain tcp).
+    pub transport: String,
+    /// Where to listen or bind: "IP:PORT" ("IP:0" or "IP": any port) for
+    /// socket transports, a name for shm. Absent: no listener (tcp) or the
+    /// provider's default.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Move bulk payloads by RMA when the provider can (else in fragments).
+    #[serde(default = "yes")]
+    pub rma: bool,
+    /// Ask libfabric for a completion-queue wait fd so an idle reactor can sleep.
+    #[serde(default = "yes")]
+    pub wait_fd: bool,
+    /// libfabric: 64 KiB receive buffers kept posted.
+    #[serde(default = "default_recv_buffers")]
+    pub recv_buffers: usize,
+    /// libfabric: operation slots for sends and RMA reads in flight.
+    #[serde(default = "default_op_slots")]
+    pub op_slots: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_recv_buffers() -> usize {
+    64
+}
+fn default_op_slots() -> usize {
+    1024
+}
+
+impl TransportConfig {
+    /// `transport` at `address` with every default.
+    pub fn new(transport: &str, address: Option<&str>) -> Self {
+        Self {
+            transport: transport.to_string(),
+            address: address.map(str::to_string),
+            rma: true,
+            wait_fd: true,
+            recv_buffers: default_recv_buffers(),
+            op_slots: default_op_slots(),
+        }
+    }
+
+    /// The transport `"auto"` stands for here (others stand for themselves).
+    pub fn resolve(&self) -> String {
+        if self.transport != "auto" {
+            return self.transport.clone();
+        }
+        #[cfg(feature = "libfabric")]
+        if let Ok(found) = crate::ofi::providers() {
+            for want in AUTO_PREFERENCE {
+                if found.iter().any(|(name, _)| name == want) {
+                    return want.to_string();
+                }
+            }
+        }
+        "tcp".to_string()
+    }
+
+    /// Opens the transport; `max_message` bounds what a stream accepts.
+    pub fn open(&self, max_message: u32) -> Result<AnyTransport, FabricError> {
+        match self.resolve().as_str() {
+            "tcp" => Ok(AnyTransport::Tcp(tcp::TcpTransport::new(self.address.as_deref(), max_message)?)),
+            #[cfg(feature = "libfabric")]
+            provider => Ok(AnyTransport::Ofi(ofi::OfiTransport::open(provider, self)?)),
+            #[cfg(not(feature = "libfabric"))]
+            provider => Err(FabricError::NoLibfabric(provider.to_string())),
+        }
+    }
+}
+
 /// Either transport, dispatched without virtual calls.
 pub enum AnyTransport {
     /// Plain TCP.

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use fabric::frame::Payload;
 use fabric::rpc::{CallId, Completion, ConnId, Event, Rpc, RpcOptions};
-use fabric::transport::AnyTransport;
-use fabric::transport::tcp::TcpTransport;
+use fabric::transport::TransportConfig;
 
 /// A transport to test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,19 +69,15 @@ pub fn listen_addr(kind: Kind) -> String {
 
 /// An endpoint of `kind`; listening on `listen` if given (clients bind to loopback).
 pub fn endpoint_with(kind: Kind, listen: Option<&str>, opts: RpcOptions, rma: bool) -> Rpc {
-    let t = match kind {
-        Kind::Tcp => AnyTransport::Tcp(TcpTransport::new(listen, opts.max_message).unwrap()),
-        Kind::Ofi(p) => {
-            let mut o = fabric::transport::ofi::OfiOptions::new(p);
-            o.bind = match (listen, p) {
-                (Some(a), _) => Some(a.to_string()),
-                (None, "shm") => None,
-                (None, _) => Some("127.0.0.1".into()),
-            };
-            o.rma = rma;
-            AnyTransport::Ofi(fabric::transport::ofi::OfiTransport::open(&o).unwrap())
-        }
+    let (name, address) = match (kind, listen) {
+        (Kind::Tcp, l) => ("tcp".to_string(), l.map(str::to_string)),
+        (Kind::Ofi(p), Some(a)) => (p.to_string(), Some(a.to_string())),
+        (Kind::Ofi("shm"), None) => ("shm".to_string(), None),
+        (Kind::Ofi(p), None) => (p.to_string(), Some("127.0.0.1".to_string())),
     };
+    let mut cfg = TransportConfig::new(&name, address.as_deref());
+    cfg.rma = rma;
+    let t = cfg.open(opts.max_message).unwrap();
     Rpc::new(t, opts).unwrap()
 }
 
