@@ -6,8 +6,9 @@
 //!   given handler (which may respond, call, or close), then flushes what the
 //!   handler queued, so an answer leaves in the same round its request came;
 //! - a timed poller that does nothing but bound how long the reactor may
-//!   sleep, so call deadlines, keepalives and reconnects fire on time (10 ms;
-//!   1 ms for a transport without a wake fd, which also bounds how late a
+//!   sleep, so call deadlines, keepalives and reconnects fire on time
+//!   ([`crate::rpc::RpcOptions::timer_ms`], 10 ms by default; at most 1 ms
+//!   for a transport without a wake fd, which also bounds how late a
 //!   sleeping reactor notices a message there);
 //! - a [`WakeSource`] on the transport's fd (the TCP transport's epoll set,
 //!   the libfabric completion queue's wait fd), armed with `fi_trywait` or the
@@ -96,7 +97,8 @@ pub fn attach<T: Transport + 'static>(
         }
         status
     });
-    let tick_ns = if wake_fd.is_some() { 10_000_000 } else { 1_000_000 };
+    let timer_ns = rpc.borrow().options().timer_ms.saturating_mul(1_000_000);
+    let tick_ns = if wake_fd.is_some() { timer_ns } else { timer_ns.min(1_000_000) };
     let tick = ctx.register_poller(format!("{name}:timers"), tick_ns, |_| PollStatus::Idle);
     Ok(Attached { rpc, pollers: [poller, tick] })
 }

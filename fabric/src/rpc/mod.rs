@@ -78,6 +78,10 @@ pub struct RpcOptions {
     pub bulk_digest: bool,
     /// Calls that may wait for credits per connection.
     pub max_queued: usize,
+    /// How often a sleeping reactor wakes to check deadlines (ms): the
+    /// resolution of timeouts while idle. (A transport without a wake fd is
+    /// also polled this often, at least every millisecond.)
+    pub timer_ms: u64,
 }
 
 impl Default for RpcOptions {
@@ -95,6 +99,7 @@ impl Default for RpcOptions {
             reconnect_backoff_max_ms: 5_000,
             bulk_digest: false,
             max_queued: 65_536,
+            timer_ms: 10,
         }
     }
 }
@@ -111,7 +116,11 @@ impl RpcOptions {
         if self.keepalive_timeout_ms <= self.keepalive_interval_ms {
             return bad("keepalive_timeout_ms", "must be longer than keepalive_interval_ms");
         }
-        if self.keepalive_interval_ms == 0 || self.handshake_timeout_ms == 0 || self.request_timeout_ms == 0 {
+        if self.keepalive_interval_ms == 0
+            || self.handshake_timeout_ms == 0
+            || self.request_timeout_ms == 0
+            || self.timer_ms == 0
+        {
             return bad("timeouts", "must be above 0 ms");
         }
         Ok(())
