@@ -2,10 +2,12 @@
 //!
 //! - `claudefs server`: reactors, bdevs and the JSON-RPC control socket;
 //! - `claudefs rpc METHOD [params]`: the control client;
-//! - `claudefs bdevperf`: the bdev benchmark and verifier.
+//! - `claudefs bdevperf`: the bdev benchmark and verifier;
+//! - `claudefs fabricperf`: the fabric RPC benchmark.
 
 mod app;
 mod bdevperf;
+mod fabricperf;
 mod methods;
 mod server;
 
@@ -34,6 +36,8 @@ enum Command {
     Rpc(RpcArgs),
     /// Benchmark or verify bdevs (like SPDK's bdevperf).
     Bdevperf(bdevperf::Args),
+    /// Benchmark fabric RPC round trips against an echo listener.
+    Fabricperf(fabricperf::Args),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         Command::Server(a) => server::run(a).map(|()| ExitCode::SUCCESS),
         Command::Rpc(a) => rpc(a),
         Command::Bdevperf(a) => bdevperf::run(a),
+        Command::Fabricperf(a) => fabricperf::run(a),
     };
     match result {
         Ok(code) => code,

@@ -39,6 +39,12 @@ impl<T: Transport> Attached<T> {
         &self.rpc
     }
 
+    /// The endpoint's pollers (unregistering both detaches it, as
+    /// [`Attached::detach`] does, from code that cannot hold this handle).
+    pub fn pollers(&self) -> [PollerId; 2] {
+        self.pollers
+    }
+
     /// Unregisters the pollers; the endpoint closes when the last reference
     /// to it goes (its wake source then removes itself).
     pub fn detach(self, ctx: &mut Ctx<'_>) {

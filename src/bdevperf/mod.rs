@@ -98,7 +98,7 @@ pub struct Args {
     hugepages: HugepageMode,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let (num, mult) = match t.strip_suffix(['k', 'm', 'g']) {
         Some(n) => (

@@ -104,6 +104,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 let config = bdev.config();
                 calls.push(json!({ "method": format!("bdev_{}_create", config.kind()), "params": config }));
             }
+            calls.extend(a.fabric.save_config());
             Ok(calls)
         },
     );

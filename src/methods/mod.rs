@@ -1,6 +1,7 @@
 //! The JSON-RPC methods of a ClaudeFS server, by subsystem.
 
 mod bdev;
+pub mod fabric;
 mod framework;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ pub fn build(app: &Arc<App>) -> Arc<Methods> {
     let mut methods = Methods::new(app.state.clone());
     framework::register(&mut methods, app);
     bdev::register(&mut methods, app);
+    fabric::register(&mut methods, app);
     let methods = Arc::new(methods);
     let _ = app.methods.set(Arc::downgrade(&methods));
     methods

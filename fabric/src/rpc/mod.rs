@@ -339,6 +339,11 @@ impl<T: Transport> Rpc<T> {
         })
     }
 
+    /// The transport's name ("tcp", "tcp;ofi_rxm", ...).
+    pub fn transport_name(&self) -> &str {
+        self.t.name()
+    }
+
     /// The transport.
     pub fn transport(&self) -> &T {
         &self.t

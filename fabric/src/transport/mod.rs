@@ -201,6 +201,69 @@ impl TransportConfig {
     }
 }
 
+/// A transport this host offers (what `fabric_get_transports` lists).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransportInfo {
+    /// The name [`TransportConfig::transport`] takes.
+    pub name: String,
+    /// "sockets" (plain TCP) or "libfabric".
+    pub kind: &'static str,
+    /// libfabric's fabric and domain of its first entry (the preferred one).
+    pub fabric: Option<String>,
+    /// The domain (for tcp: the interface).
+    pub domain: Option<String>,
+    /// Capabilities.
+    pub caps: Vec<&'static str>,
+    /// Bulk payloads move by RMA.
+    pub rma: bool,
+    /// Largest message of the provider.
+    pub max_msg_size: u64,
+    /// Largest send that completes at once.
+    pub inject_size: usize,
+    /// How peers are named: "ip:port" or "name" (shm).
+    pub addresses: &'static str,
+}
+
+/// Every transport this host can open: plain TCP, then each libfabric
+/// provider offering reliable-datagram endpoints, in libfabric's order.
+#[cfg_attr(not(feature = "libfabric"), allow(unused_mut))]
+pub fn available() -> Result<Vec<TransportInfo>, FabricError> {
+    let mut out = vec![TransportInfo {
+        name: "tcp".into(),
+        kind: "sockets",
+        fabric: None,
+        domain: None,
+        caps: vec!["msg"],
+        rma: false,
+        max_msg_size: u64::from(u32::MAX),
+        inject_size: 0,
+        addresses: "ip:port",
+    }];
+    #[cfg(feature = "libfabric")]
+    for (name, i) in crate::ofi::providers()? {
+        out.push(TransportInfo {
+            name,
+            kind: "libfabric",
+            fabric: Some(i.fabric),
+            domain: Some(i.domain),
+            caps: i.caps,
+            rma: i.rma,
+            max_msg_size: i.max_msg_size,
+            inject_size: i.inject_size,
+            addresses: if i.string_addresses { "name" } else { "ip:port" },
+        });
+    }
+    Ok(out)
+}
+
+/// The libfabric library's version, if this build has libfabric.
+pub fn libfabric_version() -> Option<String> {
+    #[cfg(feature = "libfabric")]
+    return Some(crate::ofi::library_version());
+    #[cfg(not(feature = "libfabric"))]
+    None
+}
+
 /// Either transport, dispatched without virtual calls.
 pub enum AnyTransport {
     /// Plain TCP.
