@@ -306,6 +306,9 @@ fn open<T>(call: &'static str, context: &str, f: impl FnOnce(*mut *mut T) -> i32
     NonNull::new(out).ok_or_else(|| ofi_err(call, format!("{context}: returned no object"), -(libc::EIO as isize)))
 }
 
+/// Completions read per [`Endpoint::cq_read`] at most.
+pub const CQ_BATCH: usize = 64;
+
 /// One finished operation, as read from the CQ.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
@@ -434,7 +437,7 @@ impl Endpoint {
             virt_addr: mr_mode & sys::FI_MR_VIRT_ADDR != 0,
             prov_key: mr_mode & sys::FI_MR_PROV_KEY != 0,
             next_key: 1,
-            cq_buf: vec![sys::fi_cq_data_entry::default(); 64],
+            cq_buf: vec![sys::fi_cq_data_entry::default(); CQ_BATCH],
         })
     }
 
@@ -680,7 +683,7 @@ impl Endpoint {
         }
     }
 
-    /// Reads up to 64 completions into `out`. An error completion is returned
+    /// Reads up to [`CQ_BATCH`] completions into `out`. An error completion is returned
     /// as `Err` (one per call).
     pub fn cq_read(&mut self, out: &mut Vec<Completion>) -> Result<(), CompletionError> {
         let n = self.cq_buf.len();

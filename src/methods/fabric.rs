@@ -54,8 +54,11 @@ fn yes() -> bool {
 }
 
 struct Listener {
+    /// As given (with the picked port for port 0): what save_config replays.
     params: ListenParams,
     transport: String,
+    /// The address peers connect to.
+    address: String,
     pollers: [PollerId; 2],
     stats: Arc<EndpointStats>,
 }
@@ -130,7 +133,13 @@ async fn listen(app: Arc<App>, mut p: ListenParams) -> Result<Value, RpcError> {
         p.address = address.clone();
     }
     let name = p.name.clone();
-    app.fabric.lock().push(Listener { params: p, transport: transport.clone(), pollers, stats });
+    app.fabric.lock().push(Listener {
+        params: p,
+        transport: transport.clone(),
+        address: address.clone(),
+        pollers,
+        stats,
+    });
     Ok(json!({ "name": name, "transport": transport, "address": address }))
 }
 
@@ -146,7 +155,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 .fabric
                 .lock()
                 .iter()
-                .map(|l| json!({ "name": l.params.name, "transport": l.transport, "address": l.params.address }))
+                .map(|l| json!({ "name": l.params.name, "transport": l.transport, "address": l.address }))
                 .collect();
             Ok(json!({
                 "libfabric": fabric::transport::libfabric_version(),

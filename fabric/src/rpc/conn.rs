@@ -77,11 +77,20 @@ impl<T: Transport> Rpc<T> {
         self.pump(conn);
     }
 
-    /// Fails every call of `conn` that is on the wire.
+    /// Fails every call of `conn` that is on the wire (and forgets abandoned ones).
     fn fail_sent(&mut self, conn: ConnId, error: &FabricError) {
         let Some(c) = self.conns.get_mut(conn) else { return };
-        let sent: Vec<u64> = c.sent.drain().collect();
+        if c.in_flight == 0 {
+            return;
+        }
+        c.in_flight = 0;
         c.stats.set_in_flight(0);
+        let sent: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, k)| k.conn == conn && k.state != super::CallState::Queued)
+            .map(|(id, _)| id)
+            .collect();
         for call in sent {
             if let Some(k) = self.calls.remove(call)
                 && k.state == super::CallState::Sent

@@ -225,8 +225,8 @@ impl<T: Transport> Rpc<T> {
         let Some(call) = self.calls.remove(id) else { return };
         let peer = match self.conns.get_mut(conn) {
             Some(c) => {
-                c.sent.remove(&id);
-                c.stats.set_in_flight(c.sent.len());
+                c.in_flight = c.in_flight.saturating_sub(1);
+                c.stats.set_in_flight(c.in_flight);
                 c.peer_text()
             }
             None => String::new(),

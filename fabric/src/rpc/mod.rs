@@ -33,8 +33,8 @@
 mod conn;
 mod inbound;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::error::FabricError;
@@ -218,7 +218,6 @@ struct Call {
     tag: u64,
     method: u16,
     timeout_ms: u64,
-    deadline: u64,
     payload: Option<Payload>,
     state: CallState,
 }
@@ -252,10 +251,10 @@ struct Conn {
     peer: Option<PeerInfo>,
     send_credits: u32,
     queue: VecDeque<CallId>,
-    /// Our calls on the wire or abandoned on this connection.
-    sent: HashSet<CallId>,
-    /// Requests from the peer not answered yet.
-    served: HashSet<u64>,
+    /// Our calls on the wire (sent, not answered) on this connection.
+    in_flight: usize,
+    /// Requests from the peer not answered yet (at most our credits).
+    served: HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Our bulk payloads the peer may read: (request id, is response) -> handle.
     exposed: HashMap<(u64, bool), ExposeId>,
     /// Fragmented payloads being reassembled: (request id, is response).
@@ -289,7 +288,10 @@ pub struct Rpc<T: Transport = AnyTransport> {
     conns: Slab<Conn>,
     by_link: HashMap<LinkId, ConnId>,
     calls: Slab<Call>,
-    deadlines: BinaryHeap<Reverse<(u64, CallId)>>,
+    /// Call deadlines, one FIFO per distinct timeout: calls with the same
+    /// timeout expire in the order they were made, so each FIFO is sorted,
+    /// and entries of answered calls leave from its front as it is checked.
+    deadlines: Vec<(u64, VecDeque<(u64, CallId)>)>,
     bulk_in: Slab<BulkIn>,
     events: Vec<Event>,
     tevents: Vec<TransportEvent>,
@@ -307,6 +309,26 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
             .field("conns", &self.conns.len())
             .field("calls", &self.calls.len())
             .finish()
+    }
+}
+
+/// Hashes request ids (slab keys, already spread) with one multiplication.
+/// A peer chooses the ids it sends, but the set of them is bounded by the
+/// credits it was granted.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
     }
 }
 
@@ -329,7 +351,7 @@ impl<T: Transport> Rpc<T> {
             conns: Slab::default(),
             by_link: HashMap::new(),
             calls: Slab::default(),
-            deadlines: BinaryHeap::new(),
+            deadlines: Vec::new(),
             bulk_in: Slab::default(),
             events: Vec::new(),
             tevents: Vec::new(),
@@ -410,8 +432,8 @@ impl<T: Transport> Rpc<T> {
                 peer: None,
                 send_credits: 0,
                 queue: VecDeque::new(),
-                sent: HashSet::new(),
-                served: HashSet::new(),
+                in_flight: 0,
+                served: HashSet::default(),
                 exposed: HashMap::new(),
                 partial: HashMap::new(),
                 ping_sent: None,
@@ -459,16 +481,12 @@ impl<T: Transport> Rpc<T> {
             return Err(FabricError::Backpressure { peer: c.peer_text(), queued: c.queue.len(), limit: max_queued });
         }
         let deadline = now.saturating_add(ms(timeout_ms));
-        let id = self.calls.insert(Call {
-            conn,
-            tag,
-            method,
-            timeout_ms,
-            deadline,
-            payload: Some(payload),
-            state: CallState::Queued,
-        });
-        self.deadlines.push(Reverse((deadline, id)));
+        let id =
+            self.calls.insert(Call { conn, tag, method, timeout_ms, payload: Some(payload), state: CallState::Queued });
+        match self.deadlines.iter_mut().find(|(t, _)| *t == timeout_ms) {
+            Some((_, q)) => q.push_back((deadline, id)),
+            None => self.deadlines.push((timeout_ms, VecDeque::from([(deadline, id)]))),
+        }
         self.conns.get_mut(conn).expect("checked above").queue.push_back(id);
         self.pump(conn);
         Ok(id)
@@ -599,15 +617,21 @@ impl<T: Transport> Rpc<T> {
     }
 
     fn expire_calls(&mut self, now: u64) {
-        while let Some(&Reverse((deadline, call))) = self.deadlines.peek() {
-            if deadline > now {
-                break;
+        let mut expired = Vec::new();
+        for (_, q) in &mut self.deadlines {
+            while let Some(&(deadline, call)) = q.front() {
+                match self.calls.get(call) {
+                    // Answered already: just drop the entry.
+                    None => {}
+                    Some(c) if c.state == CallState::Abandoned => {}
+                    Some(_) if deadline > now => break,
+                    Some(_) => expired.push(call),
+                }
+                q.pop_front();
             }
-            self.deadlines.pop();
+        }
+        for call in expired {
             let Some(c) = self.calls.get(call) else { continue };
-            if c.deadline != deadline || c.state == CallState::Abandoned {
-                continue;
-            }
             let (conn, method, timeout_ms) = (c.conn, c.method, c.timeout_ms);
             let peer = match self.conns.get(conn) {
                 Some(x) => {
@@ -641,9 +665,9 @@ impl<T: Transport> Rpc<T> {
             k.state = CallState::Sent;
             let method = k.method;
             c.send_credits -= 1;
-            c.sent.insert(call);
+            c.in_flight += 1;
             ConnStats::add(&c.stats.requests_tx, 1);
-            c.stats.set_in_flight(c.sent.len());
+            c.stats.set_in_flight(c.in_flight);
             self.send_message(conn, Header::new(Opcode::Request, call).method(method), payload);
         }
     }

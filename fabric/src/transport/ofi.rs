@@ -492,7 +492,8 @@ impl Transport for OfiTransport {
                 self.free_ops.push(c.slot);
             }
             match result {
-                Ok(()) if got == 0 => break,
+                // A short batch emptied the queue: another read would only cost a progress call.
+                Ok(()) if got < ofi::CQ_BATCH => break,
                 Ok(()) => {}
                 Err(err) => {
                     let Some(slot) = err.slot else {
