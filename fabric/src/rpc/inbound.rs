@@ -223,18 +223,15 @@ impl<T: Transport> Rpc<T> {
             return self.events.push(Event::Request(Request { conn, id, method: header.method, payload }));
         }
         let Some(call) = self.calls.remove(id) else { return };
-        let peer = match self.conns.get_mut(conn) {
-            Some(c) => {
-                c.in_flight = c.in_flight.saturating_sub(1);
-                c.stats.set_in_flight(c.in_flight);
-                c.peer_text()
-            }
-            None => String::new(),
-        };
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.stats.set_in_flight(c.in_flight);
+        }
         if call.state != CallState::Sent {
             return;
         }
         let result = if header.has(flags::ERROR) {
+            let peer = self.conns.get(conn).map_or_else(String::new, |c| c.peer_text());
             match RemoteError::decode(&payload) {
                 Ok(e) => Err(FabricError::Remote { peer, method: call.method, code: e.code, message: e.message }),
                 Err(e) => Err(FabricError::Protocol { peer, source: e }),

@@ -286,7 +286,7 @@ pub struct Rpc<T: Transport = AnyTransport> {
     opts: RpcOptions,
     incarnation: u64,
     conns: Slab<Conn>,
-    by_link: HashMap<LinkId, ConnId>,
+    by_link: HashMap<LinkId, ConnId, BuildHasherDefault<IdHasher>>,
     calls: Slab<Call>,
     /// Call deadlines, one FIFO per distinct timeout: calls with the same
     /// timeout expire in the order they were made, so each FIFO is sorted,
@@ -312,9 +312,9 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
     }
 }
 
-/// Hashes request ids (slab keys, already spread) with one multiplication.
-/// A peer chooses the ids it sends, but the set of them is bounded by the
-/// credits it was granted.
+/// Hashes ids (slab keys, already spread) with one multiplication. Request
+/// ids come from the peer, but the set of them is bounded by the credits it
+/// was granted.
 #[derive(Default)]
 struct IdHasher(u64);
 
@@ -349,7 +349,7 @@ impl<T: Transport> Rpc<T> {
             opts,
             incarnation: fastrand::u64(1..),
             conns: Slab::default(),
-            by_link: HashMap::new(),
+            by_link: HashMap::default(),
             calls: Slab::default(),
             deadlines: Vec::new(),
             bulk_in: Slab::default(),
@@ -599,7 +599,9 @@ impl<T: Transport> Rpc<T> {
         out.append(&mut self.events);
         if busy {
             PollStatus::Busy
-        } else if self.t.busy() || (self.t.wake_fd().is_none() && self.calls.len() > 0) {
+        } else if self.t.busy() || (self.t.wake_fd().is_none() && !self.is_quiet()) {
+            // Nothing can wake a sleeping reactor for this transport: keep
+            // polling while a peer owes us anything or we owe it.
             PollStatus::Waiting
         } else {
             PollStatus::Idle
@@ -773,8 +775,11 @@ impl<T: Transport> Rpc<T> {
         self.conns.iter().map(|(k, c)| (k, c.state)).collect()
     }
 
-    /// Whether nothing is outstanding: no calls, no requests being served.
+    /// Whether nothing is outstanding: no calls, no requests being served,
+    /// no bulk payloads being read or waiting to be read.
     pub fn is_quiet(&self) -> bool {
-        self.calls.len() == 0 && self.serving() == 0 && self.bulk_in.len() == 0
+        self.calls.len() == 0
+            && self.bulk_in.len() == 0
+            && self.conns.iter().all(|(_, c)| c.served.is_empty() && c.exposed.is_empty())
     }
 }
