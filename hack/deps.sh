@@ -3,6 +3,7 @@
 #   hack/deps.sh run     build and run a server
 #   hack/deps.sh test    the test suite (adds cargo-nextest)
 #   hack/deps.sh bench   the benchmarks (adds fio, valgrind, matplotlib, fi_pingpong)
+#   hack/deps.sh vm      the QEMU guest of hack/vm-test.sh (qemu, busybox, cpio)
 set -euo pipefail
 
 step=${1:-run}
@@ -15,9 +16,10 @@ want ca-certificates gcc libc6-dev pkg-config util-linux python3
 want libfabric-dev libclang-dev
 case "$step" in
   run) ;;
-  test) ;;
+  test) want qemu-system-x86 cpio busybox-static ;;
+  vm) want qemu-system-x86 cpio busybox-static ;;
   bench) want fio valgrind python3-matplotlib libfabric-bin ;;
-  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 run|test|vm|bench" >&2; exit 2 ;;
 esac
 
 if ((${#need_apt[@]})); then

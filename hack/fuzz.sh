@@ -21,7 +21,15 @@ for dir in */fuzz; do
     corpus="$dir/corpus/$target"
     mkdir -p "$corpus"
     echo "== fuzzing $dir/$target for ${secs}s"
-    cargo fuzz run --fuzz-dir "$dir" "$target" "$corpus" "$dir/seeds/$target" -- \
-      -max_total_time="$secs" -max_len=4096 -print_final_stats=1 2>&1 | tail -n 15
+    log=$(mktemp)
+    if ! cargo fuzz run --fuzz-dir "$dir" "$target" "$corpus" "$dir/seeds/$target" -- \
+      -max_total_time="$secs" -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
+      # The build error or the crash report, not just cargo-fuzz's backtrace.
+      grep -v -E '^\s+([0-9]+:|at )' "$log" | tail -n 60 >&2
+      rm -f "$log"
+      exit 1
+    fi
+    tail -n 15 "$log"
+    rm -f "$log"
   done
 done

@@ -34,6 +34,10 @@ count "$(echo "$doc" | awk '{s+=$4} END {print s+0}')" "$(echo "$doc" | awk '{s+
 # The README's main job, once.
 if CLAUDEFS_SOCKET=/tmp/claudefs-smoke.sock hack/run.sh --once; then count 1 0; else echo "FAILED: hack/run.sh --once" >&2; count 0 1; fi
 
+# The NVMe driver for real: QEMU's emulated controllers behind VFIO in a guest
+# (hack/vm-test.sh: setup.sh, the driver's integration tests, bdevperf verify, RPCs).
+if hack/vm-test.sh; then count 1 0; else echo "FAILED: hack/vm-test.sh" >&2; count 0 1; fi
+
 # Fuzz targets, briefly (the corpus grows in hack/fuzz.sh runs of any length).
 if hack/fuzz.sh 20; then count 1 0; else echo "FAILED: hack/fuzz.sh" >&2; count 0 1; fi
 

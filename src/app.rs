@@ -44,6 +44,8 @@ pub struct App {
     pub methods: OnceLock<Weak<Methods>>,
     /// Fabric listeners.
     pub fabric: crate::methods::fabric::FabricState,
+    /// Loaded blobstores, by bdev name.
+    pub blobstores: Mutex<std::collections::BTreeMap<String, blobfs::Blobstore>>,
 }
 
 impl App {
@@ -58,7 +60,32 @@ impl App {
             shutdown: Arc::default(),
             methods: OnceLock::new(),
             fabric: Default::default(),
+            blobstores: Mutex::default(),
         })
+    }
+
+    /// The loaded blobstore on `bdev`.
+    pub fn blobstore(&self, bdev: &str) -> Result<blobfs::Blobstore, RpcError> {
+        self.blobstores.lock().unwrap_or_else(|p| p.into_inner()).get(bdev).cloned().ok_or_else(|| {
+            RpcError::errno(
+                libc::ENODEV,
+                format!("no blobstore is loaded on bdev {bdev:?} (blobstore_create or blobstore_load)"),
+            )
+        })
+    }
+
+    /// Unloads every blobstore cleanly (at shutdown); failures are logged.
+    pub async fn unload_blobstores(&self) {
+        let stores: Vec<(String, blobfs::Blobstore)> =
+            std::mem::take(&mut *self.blobstores.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        for (bdev, store) in stores {
+            if let Err(e) = store.unload().await {
+                tracing::error!(
+                    bdev,
+                    "unloading the blobstore failed: {e}; it will be recovered from its journal at the next load"
+                );
+            }
+        }
     }
 
     /// Initialises the framework: fixes the options only startup may set.

@@ -8,6 +8,7 @@
 mod app;
 mod bdevperf;
 mod fabricperf;
+mod blobperf;
 mod methods;
 mod server;
 
@@ -38,6 +39,8 @@ enum Command {
     Bdevperf(bdevperf::Args),
     /// Benchmark fabric RPC round trips against an echo listener.
     Fabricperf(fabricperf::Args),
+    /// Benchmark blobstore metadata: operations per second, load and recovery time.
+    Blobperf(blobperf::Args),
 }
 
 #[derive(clap::Args)]
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Rpc(a) => rpc(a),
         Command::Bdevperf(a) => bdevperf::run(a),
         Command::Fabricperf(a) => fabricperf::run(a),
+        Command::Blobperf(a) => blobperf::run(a),
     };
     match result {
         Ok(code) => code,

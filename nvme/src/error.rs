@@ -100,6 +100,101 @@ pub enum BdevError {
     /// Options may no longer change.
     #[error("{0}")]
     TooLate(String),
+    /// A VFIO or sysfs operation on a PCI device failed.
+    #[error("{bdf}: {action} failed: {source}")]
+    Vfio {
+        /// PCI address.
+        bdf: String,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No PCI device at that address.
+    #[error("there is no PCI device {0} (see `hack/setup.sh status` for the NVMe controllers)")]
+    NoPciDevice(String),
+    /// The device is not an NVMe controller.
+    #[error("{bdf} is not an NVMe controller (PCI class {class:#08x}, NVMe is 0x010802)")]
+    NotNvme {
+        /// PCI address.
+        bdf: String,
+        /// Its class code.
+        class: u32,
+    },
+    /// The device is not bound to vfio-pci.
+    #[error(
+        "{bdf} is {}, not to vfio-pci: run `PCI_ALLOWED={bdf} hack/setup.sh` to hand it to vfio-pci",
+        match driver { Some(d) => format!("bound to {d}"), None => "bound to no driver".to_string() }
+    )]
+    NotVfio {
+        /// PCI address.
+        bdf: String,
+        /// Its driver.
+        driver: Option<String>,
+    },
+    /// The device has no IOMMU group.
+    #[error("{0} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line)")]
+    NoIommu(String),
+    /// The IOMMU group has devices not bound to vfio-pci.
+    #[error(
+        "IOMMU group {group} is not viable for {bdf}: every device in it must be bound to vfio-pci or to no driver;          these are not: {others}"
+    )]
+    NotViable {
+        /// PCI address.
+        bdf: String,
+        /// The group.
+        group: u32,
+        /// The other devices and their drivers.
+        others: String,
+    },
+    /// The pool cannot give hugepage memory.
+    #[error(
+        "VFIO needs hugepage DMA memory and {reason}: reserve at least {pages} 2 MiB hugepages          (`echo {pages} > /proc/sys/vm/nr_hugepages`, or HUGEMEM={} hack/setup.sh) and start with --hugepages auto or require",
+        pages * 2
+    )]
+    NoHugepages {
+        /// What is missing.
+        reason: &'static str,
+        /// Hugepages to reserve.
+        pages: u64,
+    },
+    /// The controller or address is attached already.
+    #[error("the controller at {traddr} is already attached as {name}")]
+    AlreadyAttached {
+        /// PCI address.
+        traddr: String,
+        /// Its controller name.
+        name: String,
+    },
+    /// The controller did not do something in time.
+    #[error("NVMe controller {ctrl}: no {what} within {ms} ms")]
+    ControllerTimeout {
+        /// Controller name.
+        ctrl: String,
+        /// What was awaited.
+        what: &'static str,
+        /// The limit.
+        ms: u64,
+    },
+    /// The controller reported a fatal status (CSTS.CFS).
+    #[error("NVMe controller {ctrl}: fatal status (CSTS.CFS) when {when}")]
+    ControllerFatal {
+        /// Controller name.
+        ctrl: String,
+        /// What was being done.
+        when: &'static str,
+    },
+    /// An admin command failed.
+    #[error("NVMe controller {ctrl}: {action} failed: {status}")]
+    Nvme {
+        /// Controller name.
+        ctrl: String,
+        /// The command.
+        action: &'static str,
+        /// Its status.
+        status: crate::nvme::Status,
+    },
     /// DMA memory for a bdev's own buffers could not be had.
     #[error(transparent)]
     Dma(#[from] pmd::DmaError),
@@ -124,6 +219,13 @@ impl BdevError {
             Self::FileMissing(_) => libc::ENOENT,
             Self::File { source, .. } | Self::Uring { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Self::TooLate(_) => libc::EPERM,
+            Self::Vfio { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::NoPciDevice(_) => libc::ENODEV,
+            Self::NotNvme { .. } | Self::NotVfio { .. } | Self::NoIommu(_) | Self::NotViable { .. } => libc::EINVAL,
+            Self::NoHugepages { .. } => libc::ENOMEM,
+            Self::AlreadyAttached { .. } => libc::EEXIST,
+            Self::ControllerTimeout { .. } => libc::ETIMEDOUT,
+            Self::ControllerFatal { .. } | Self::Nvme { .. } => libc::EIO,
             Self::Dma(_) => libc::ENOMEM,
         }
     }

@@ -13,7 +13,8 @@
 //! - buffers are [`pmd::DmaBuf`]s, moved into the request and handed back in
 //!   the completion.
 //!
-//! Backends: [`null`], [`malloc`], [`uring`]; the wrappers [`error`] (fault
+//! Backends: [`null`], [`malloc`], [`uring`], and [`nvme`](mod@nvme): the
+//! userspace NVMe driver over [`vfio`]; the wrappers [`error`] (fault
 //! injection) and [`crash`] (a volatile write cache that a simulated power cut
 //! tears) exist for tests.
 //!
@@ -37,9 +38,13 @@ mod bdev;
 mod error;
 pub mod stats;
 mod sys;
+pub mod vfio;
 
-pub use backend::{crash, error as error_bdev, malloc, null, uring};
-pub use bdev::{Bdev, BdevChannel, BdevDesc, BdevRegistry, Claim, Completion, Io, IoBufs, IoError, IoType};
+pub use backend::{crash, error as error_bdev, malloc, null, nvme, uring};
+pub use bdev::{
+    Bdev, BdevChannel, BdevDesc, BdevRegistry, BufPart, Claim, Completion, Io, IoBufs, IoError, IoType, Segment,
+    Segments,
+};
 pub use error::BdevError;
 
 /// The block size bdevs get when none is given.
@@ -61,6 +66,8 @@ pub enum BdevConfig {
     Error(error_bdev::ErrorConfig),
     /// `bdev_crash_create`.
     Crash(crash::CrashConfig),
+    /// `bdev_nvme_attach_controller` (one call per controller, whatever its namespaces).
+    Nvme(nvme::NvmeAttachConfig),
 }
 
 impl BdevConfig {
@@ -72,6 +79,17 @@ impl BdevConfig {
             BdevConfig::Uring(_) => "uring",
             BdevConfig::Error(_) => "error",
             BdevConfig::Crash(_) => "crash",
+            BdevConfig::Nvme(_) => "nvme",
+        }
+    }
+
+    /// The method that recreates it: `bdev_<kind>_create`, or
+    /// `bdev_nvme_attach_controller` for an NVMe namespace (whose controller
+    /// brings back all its namespaces).
+    pub fn method(&self) -> String {
+        match self {
+            BdevConfig::Nvme(_) => "bdev_nvme_attach_controller".into(),
+            other => format!("bdev_{}_create", other.kind()),
         }
     }
 }

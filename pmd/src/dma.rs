@@ -120,6 +120,28 @@ pub struct RegionInfo {
     pub huge: bool,
 }
 
+/// Told about DMA memory as it comes and goes (see the module docs). Calls
+/// are made with the pool's region lock held: a listener must not allocate
+/// DMA buffers from inside them.
+pub trait DmaListener: Send + Sync {
+    /// `region` is now DMA memory (a pool region or a large buffer's mapping).
+    fn mapped(&self, region: RegionInfo);
+    /// `region` (a large buffer's mapping) is about to be unmapped.
+    fn unmapped(&self, region: RegionInfo);
+}
+
+/// Identifies a registered [`DmaListener`] (see [`remove_listener`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerId(u64);
+
+#[derive(Default)]
+struct Listeners {
+    next_id: u64,
+    list: Vec<(ListenerId, std::sync::Arc<dyn DmaListener>)>,
+    /// Live mappings of buffers above 2 MiB, for listeners added later.
+    dedicated: Vec<RegionInfo>,
+}
+
 #[derive(Default)]
 struct ClassStats {
     total: AtomicU64,
@@ -132,6 +154,8 @@ struct Pool {
     free: [SegQueue<(usize, u32)>; NUM_CLASSES],
     stats: [ClassStats; NUM_CLASSES],
     regions: Mutex<Vec<Mapping>>,
+    /// Always locked after `regions` when both are held.
+    listeners: Mutex<Listeners>,
     mapped: AtomicU64,
     huge_bytes: AtomicU64,
     dedicated_in_use: AtomicU64,
@@ -161,6 +185,7 @@ impl Pool {
             free: std::array::from_fn(|_| SegQueue::new()),
             stats: std::array::from_fn(|_| ClassStats::default()),
             regions: Mutex::new(Vec::new()),
+            listeners: Mutex::new(Listeners::default()),
             mapped: AtomicU64::new(0),
             huge_bytes: AtomicU64::new(0),
             dedicated_in_use: AtomicU64::new(0),
@@ -222,6 +247,8 @@ impl Pool {
                 continue; // another thread refilled it while we waited
             }
             let region = self.map(HUGEPAGE_SIZE)?;
+            // Listeners map the region (into IOMMUs) before any buffer of it exists.
+            self.notify(|l| l.mapped(info_of(&region)));
             let size = 1usize << (class as u32 + MIN_CLASS_SHIFT);
             let base = region.as_ptr().as_ptr() as usize;
             let index = regions.len() as u32;
@@ -232,6 +259,48 @@ impl Pool {
             regions.push(region);
         }
     }
+}
+
+impl Pool {
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self, f: impl Fn(&dyn DmaListener)) {
+        for (_, l) in &self.listeners().list {
+            f(l.as_ref());
+        }
+    }
+}
+
+fn info_of(m: &Mapping) -> RegionInfo {
+    RegionInfo { addr: m.as_ptr().as_ptr() as usize, len: m.len(), huge: m.is_huge() }
+}
+
+/// Registers a listener: it is called at once for every existing region and
+/// large-buffer mapping, then for every new one before buffers from it are
+/// handed out. Returns an id for [`remove_listener`].
+pub fn add_listener(listener: std::sync::Arc<dyn DmaListener>) -> ListenerId {
+    let pool = pool();
+    let regions = pool.regions.lock().unwrap_or_else(|p| p.into_inner());
+    let mut listeners = pool.listeners();
+    for m in regions.iter() {
+        listener.mapped(info_of(m));
+    }
+    for r in &listeners.dedicated {
+        listener.mapped(*r);
+    }
+    let id = ListenerId(listeners.next_id);
+    listeners.next_id += 1;
+    listeners.list.push((id, listener));
+    id
+}
+
+/// Unregisters a listener; it is not called again once this returns.
+pub fn remove_listener(id: ListenerId) {
+    let pool = pool();
+    let _regions = pool.regions.lock().unwrap_or_else(|p| p.into_inner());
+    pool.listeners().list.retain(|(i, _)| *i != id);
 }
 
 fn class_of(len: usize) -> Option<usize> {
@@ -290,6 +359,15 @@ impl DmaBuf {
             None => {
                 let size = len.next_multiple_of(HUGEPAGE_SIZE);
                 let mapping = pool.map(size)?;
+                {
+                    let _regions = pool.regions.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut listeners = pool.listeners();
+                    let info = info_of(&mapping);
+                    for (_, l) in &listeners.list {
+                        l.mapped(info);
+                    }
+                    listeners.dedicated.push(info);
+                }
                 pool.dedicated_in_use.fetch_add(size as u64, Ordering::Relaxed);
                 Ok(Self { ptr: mapping.as_ptr(), len, capacity: size, backing: Backing::Dedicated(mapping) })
             }
@@ -342,6 +420,14 @@ impl DmaBuf {
         self.ptr.as_ptr()
     }
 
+    /// Raw pointer to the first byte without borrowing the contents, for a
+    /// buffer shared by several requests that each own a disjoint part of it
+    /// (`Arc<DmaBuf>`). Creates no reference to the bytes; whoever writes
+    /// through it must own the range written.
+    pub fn dma_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// The index of the pool region holding the buffer ([`region_info`]);
     /// `None` for buffers above 2 MiB, which have a mapping of their own.
     pub fn region(&self) -> Option<u32> {
@@ -385,6 +471,15 @@ impl Drop for DmaBuf {
                 pool.free[*class].push((self.ptr.as_ptr() as usize, *region));
             }
             Backing::Dedicated(m) => {
+                {
+                    let _regions = pool.regions.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut listeners = pool.listeners();
+                    let info = info_of(m);
+                    listeners.dedicated.retain(|r| r.addr != info.addr);
+                    for (_, l) in &listeners.list {
+                        l.unmapped(info);
+                    }
+                }
                 pool.dedicated_in_use.fetch_sub(m.len() as u64, Ordering::Relaxed);
                 pool.mapped.fetch_sub(m.len() as u64, Ordering::Relaxed);
                 if m.is_huge() {
@@ -530,6 +625,41 @@ mod tests {
         b.set_len(4096);
         assert_eq!(b.len(), 4096);
         assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.set_len(4097))).is_err());
+    }
+
+    #[test]
+    fn listeners_see_every_region_before_its_buffers() {
+        #[derive(Default)]
+        struct Seen(Mutex<Vec<(bool, RegionInfo)>>);
+        impl DmaListener for Seen {
+            fn mapped(&self, r: RegionInfo) {
+                self.0.lock().unwrap().push((true, r));
+            }
+            fn unmapped(&self, r: RegionInfo) {
+                self.0.lock().unwrap().push((false, r));
+            }
+        }
+        let covered = |seen: &Seen, addr: u64| {
+            seen.0.lock().unwrap().iter().any(|(m, r)| *m && (r.addr..r.addr + r.len).contains(&(addr as usize)))
+        };
+        let early = DmaBuf::new(4096).unwrap();
+        let big_early = DmaBuf::new(3 << 20).unwrap();
+        let seen = std::sync::Arc::new(Seen::default());
+        let id = add_listener(seen.clone());
+        assert!(covered(&seen, early.iova()), "existing regions are replayed");
+        assert!(covered(&seen, big_early.iova()), "existing large mappings are replayed");
+        // Enough buffers of a fresh class to need new regions.
+        let many: Vec<DmaBuf> = (0..4).map(|_| DmaBuf::new(1 << 20).unwrap()).collect();
+        assert!(many.iter().all(|b| covered(&seen, b.iova())), "new regions are announced");
+        let big = DmaBuf::new(5 << 20).unwrap();
+        let addr = big.iova() as usize;
+        assert!(covered(&seen, big.iova()));
+        drop(big);
+        assert!(seen.0.lock().unwrap().iter().any(|(m, r)| !*m && r.addr == addr), "large mappings are withdrawn");
+        remove_listener(id);
+        let n = seen.0.lock().unwrap().len();
+        let _late = DmaBuf::new(6 << 20).unwrap();
+        assert_eq!(seen.0.lock().unwrap().len(), n, "a removed listener hears nothing");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! - [`DmaBuf`]: DMA-able memory from a hugepage-backed pool (ordinary memory
 //!   when no hugepages are reserved), owned so that memory a device may write
 //!   is never readable as `&[u8]`.
+//! - [`task`]: futures on a reactor (`Ctx::spawn`), for multi-step control and
+//!   metadata operations.
 //! - [`rpc`]: the JSON-RPC 2.0 control server on a Unix socket.
 //! - [`clock`]: the cheap monotonic nanosecond clock reactors are driven by.
 //!
@@ -30,10 +32,11 @@ mod reactor;
 pub mod rpc;
 mod runtime;
 mod sys;
+pub mod task;
 
 pub use channel::{IoChannel, IoDevice, WeakIoChannel};
 pub use cpuset::{CoreMask, CoreMaskError};
-pub use dma::{DmaBuf, DmaError};
+pub use dma::{DmaBuf, DmaError, DmaListener};
 pub use reactor::{
     Armed, Ctx, Message, PollOutcome, PollStatus, PollerId, PollerInfo, Reactor, ReactorHandle, ReactorId, ReactorSeed,
     ReactorStatsSnapshot, WakeSource,

@@ -39,6 +39,7 @@ use crossbeam_queue::SegQueue;
 
 use crate::channel::{IoChannel, IoDevice};
 use crate::sys::{Epoll, EventFd};
+use crate::task::{Executor, JoinHandle, joinable};
 
 /// Index of a reactor within its group (0-based, in core-mask order).
 pub type ReactorId = u32;
@@ -189,11 +190,15 @@ struct Shared {
     stats: ReactorStats,
 }
 
+/// The reactors of a group, weakly (a handle holding the group must not keep
+/// itself alive through it).
+type Peers = Arc<std::sync::OnceLock<Vec<std::sync::Weak<Shared>>>>;
+
 /// A cheap, thread-safe handle to a reactor: send it messages, read its stats.
 #[derive(Clone)]
 pub struct ReactorHandle {
     shared: Arc<Shared>,
-    peers: Arc<std::sync::OnceLock<Arc<[ReactorHandle]>>>,
+    peers: Peers,
 }
 
 impl fmt::Debug for ReactorHandle {
@@ -242,6 +247,28 @@ impl ReactorHandle {
         rx
     }
 
+    /// Runs the future that `f` makes as a task on the reactor and returns its
+    /// output through a oneshot channel (an error if the reactor stops first).
+    /// `f` is sent to the reactor and called there with its context; the
+    /// future itself need not be `Send`.
+    pub fn spawn<T, Fut>(
+        &self,
+        f: impl FnOnce(&mut Ctx<'_>) -> Fut + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(move |ctx| {
+            let fut = f(ctx);
+            ctx.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+        });
+        rx
+    }
+
     /// Asks the reactor to stop after its current round.
     pub fn stop(&self) {
         self.send(|ctx| ctx.stop());
@@ -257,14 +284,11 @@ impl ReactorHandle {
         self.shared.sleeping.load(Ordering::Relaxed)
     }
 
-    /// Another reactor of the same group, by id.
+    /// Another reactor of the same group, by id (`None` if there is no such
+    /// reactor, or it is gone).
     pub fn peer(&self, id: ReactorId) -> Option<ReactorHandle> {
-        self.peers.get().and_then(|p| p.get(id as usize)).cloned()
-    }
-
-    /// All reactors of the group, in id order.
-    pub fn group(&self) -> Arc<[ReactorHandle]> {
-        self.peers.get().cloned().unwrap_or_else(|| Arc::from(vec![self.clone()]))
+        let shared = self.peers.get()?.get(id as usize)?.upgrade()?;
+        Some(ReactorHandle { shared, peers: self.peers.clone() })
     }
 }
 
@@ -290,8 +314,7 @@ impl ReactorSeed {
             });
             handles.push(ReactorHandle { shared, peers: peers.clone() });
         }
-        let all: Arc<[ReactorHandle]> = Arc::from(handles.clone());
-        let _ = peers.set(all);
+        let _ = peers.set(handles.iter().map(|h| Arc::downgrade(&h.shared)).collect());
         Ok(handles.into_iter().map(|handle| ReactorSeed { handle }).collect())
     }
 
@@ -302,8 +325,16 @@ impl ReactorSeed {
 
     /// Builds the reactor (call this on the thread that will drive it).
     pub fn build(self) -> Reactor {
+        let shared = self.handle.shared.clone();
+        let executor = Executor::new(Box::new(move || {
+            if shared.sleeping.load(Ordering::SeqCst) {
+                shared.wake.notify();
+            }
+        }));
         Reactor {
             core: Core {
+                executor,
+                locals: HashMap::new(),
                 handle: self.handle,
                 now: 0,
                 pollers: Vec::new(),
@@ -322,6 +353,8 @@ impl ReactorSeed {
 
 /// The part of a reactor that pollers and messages may use, through [`Ctx`].
 struct Core {
+    executor: Executor,
+    locals: HashMap<(TypeId, u64), Rc<dyn Any>>,
     handle: ReactorHandle,
     now: u64,
     pollers: Vec<PollerSlot>,
@@ -411,7 +444,8 @@ impl Reactor {
             messages += 1;
         }
 
-        let mut busy = messages > 0;
+        let tasks = core.executor.run(now, budget);
+        let mut busy = messages > 0 || tasks > 0 || core.executor.has_ready();
         let mut waiting = false;
         let mut next_deadline: Option<u64> = None;
         // Pollers registered during this round first run in the next one.
@@ -477,9 +511,10 @@ impl Reactor {
                 let _ = ep.remove(src.fd());
             }
         }
-        let epoll = self.core.epoll()?;
+        self.core.epoll()?;
         shared.sleeping.store(true, Ordering::SeqCst);
-        if shared.inbox.is_empty() && !pending {
+        let epoll = self.core.epoll.as_ref().expect("created above");
+        if shared.inbox.is_empty() && !self.core.executor.has_ready() && !pending {
             let timeout_ms = timeout_ns.map_or(-1, |ns| ns.div_ceil(1_000_000).min(i32::MAX as u64) as i32);
             let start = crate::clock::now();
             let result = epoll.wait(timeout_ms);
@@ -624,6 +659,41 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Spawns a task on this reactor (see [`crate::task`]); it first runs in the
+    /// next round.
+    pub fn spawn<F: std::future::Future + 'static>(&mut self, future: F) -> JoinHandle<F::Output> {
+        let (task, handle) = joinable(future);
+        self.core.executor.spawn_boxed(task);
+        handle
+    }
+
+    /// Keeps `value` on this reactor under (its type, `key`), e.g. the state of
+    /// a service whose home this reactor is. Replaces any previous value.
+    pub fn insert_local<T: 'static>(&mut self, key: u64, value: Rc<T>) {
+        self.core.locals.insert((TypeId::of::<T>(), key), value);
+    }
+
+    /// The value kept under (`T`, `key`), if any.
+    pub fn local<T: 'static>(&self, key: u64) -> Option<Rc<T>> {
+        self.core.locals.get(&(TypeId::of::<T>(), key)).cloned().and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// Removes and returns the value kept under (`T`, `key`).
+    pub fn remove_local<T: 'static>(&mut self, key: u64) -> Option<Rc<T>> {
+        self.core.locals.remove(&(TypeId::of::<T>(), key)).and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// This reactor's channel to `dev` if one exists (never creates one).
+    pub fn existing_io_channel<D: IoDevice>(&self, dev: &Arc<D>) -> Option<IoChannel<D::Channel>> {
+        let key = (Arc::as_ptr(dev) as *const () as usize, TypeId::of::<D>());
+        self.core.channels.get(&key).and_then(Weak::upgrade).map(IoChannel::from_any)
+    }
+
+    /// Tasks spawned on this reactor and not finished.
+    pub fn live_tasks(&self) -> usize {
+        self.core.executor.live()
+    }
+
     /// Asks the reactor to stop after this round.
     pub fn stop(&mut self) {
         self.core.stopped = true;
@@ -726,6 +796,26 @@ mod tests {
         r.poll(250, 1); // the 150 ns before were idle
         let s = r.handle().stats();
         assert_eq!((s.busy_ns, s.idle_ns, s.rounds), (100, 150, 3));
+    }
+
+    #[test]
+    fn locals_are_typed_and_keyed() {
+        let mut r = Reactor::group(1).pop().unwrap();
+        r.with_ctx(|ctx| {
+            ctx.insert_local(1, Rc::new(5u32));
+            ctx.insert_local(2, Rc::new(String::from("x")));
+            assert_eq!(ctx.local::<u32>(1).as_deref(), Some(&5));
+            assert!(ctx.local::<u32>(2).is_none(), "another type under key 2");
+            assert_eq!(ctx.remove_local::<String>(2).as_deref().map(String::as_str), Some("x"));
+            assert!(ctx.local::<String>(2).is_none());
+        });
+        let mut rx = r.handle().spawn(|ctx| {
+            let v = ctx.local::<u32>(1).map_or(0, |v| *v);
+            async move { v + 1 }
+        });
+        r.poll(0, 8);
+        r.poll(1, 8);
+        assert_eq!(rx.try_recv().unwrap(), 6);
     }
 
     #[test]

@@ -3,16 +3,89 @@
 
 use std::sync::mpsc::Sender;
 
+use std::sync::Arc;
+
+use blobfs::{BlobChannel, BlobIo, BlobShared, Blobstore};
 use nvme::stats::{Histogram, HistogramSnapshot};
 use nvme::{BdevChannel, BdevDesc, Completion, Io, IoType};
 use pmd::{Ctx, DmaBuf, PollStatus};
 
 use super::Workload;
 
+/// What a job drives: a bdev, or a blob (offsets in 4 KiB pages).
+#[derive(Clone)]
+pub enum TargetSpec {
+    Bdev(BdevDesc),
+    Blob { store: Blobstore, blob: Arc<BlobShared>, name: String },
+}
+
+impl TargetSpec {
+    pub fn name(&self) -> String {
+        match self {
+            TargetSpec::Bdev(d) => d.bdev().name().to_string(),
+            TargetSpec::Blob { name, .. } => name.clone(),
+        }
+    }
+
+    /// Bytes per unit of offset.
+    pub fn block_size(&self) -> u64 {
+        match self {
+            TargetSpec::Bdev(d) => d.bdev().block_size() as u64,
+            TargetSpec::Blob { .. } => blobfs::format::PAGE_SIZE as u64,
+        }
+    }
+}
+
+/// A job's channel. A job holds exactly one, so the size gap between the
+/// variants costs nothing worth a box (which would cost a load per I/O).
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    Bdev(BdevChannel),
+    Blob { ch: BlobChannel, blob: Arc<BlobShared>, done: Vec<blobfs::BlobCompletion> },
+}
+
+impl Target {
+    fn submit(&mut self, now: u64, io: Io) {
+        match self {
+            Target::Bdev(ch) => ch.submit(now, io),
+            Target::Blob { ch, blob, .. } => {
+                let bio = BlobIo {
+                    blob: blob.clone(),
+                    op: io.op,
+                    page: io.offset_blocks,
+                    pages: io.num_blocks,
+                    bufs: io.bufs,
+                    tag: io.tag,
+                };
+                ch.submit(now, bio)
+            }
+        }
+    }
+
+    fn poll(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
+        match self {
+            Target::Bdev(ch) => ch.poll(now, out),
+            Target::Blob { ch, done, .. } => {
+                let n = ch.poll(now, done);
+                out.extend(done.drain(..).map(|c| Completion { tag: c.tag, op: c.op, status: c.status, bufs: c.bufs }));
+                n
+            }
+        }
+    }
+
+    fn idle_status(&self) -> PollStatus {
+        match self {
+            Target::Bdev(ch) => ch.idle_status(),
+            // The blobstore's own poller keeps the reactor awake while it has work.
+            Target::Blob { .. } => PollStatus::Idle,
+        }
+    }
+}
+
 /// What a job is asked to do.
 #[derive(Clone)]
 pub struct JobSpec {
-    pub desc: BdevDesc,
+    pub target: TargetSpec,
     pub workload: Workload,
     pub depth: usize,
     pub io_blocks: u64,
@@ -62,7 +135,7 @@ struct Slot {
 
 pub struct Job {
     spec: JobSpec,
-    ch: BdevChannel,
+    ch: Target,
     block_size: u64,
     slots: Vec<Slot>,
     rng: fastrand::Rng,
@@ -97,10 +170,18 @@ pub fn fill_pattern(out: &mut [u8], block: u64, generation: u64, block_size: u64
 }
 
 impl Job {
-    pub fn start(spec: JobSpec, ctx: &mut Ctx<'_>, tx: Sender<JobResult>) -> Result<(), nvme::BdevError> {
-        let mut ch = spec.desc.channel(ctx)?;
-        ch.set_timeout(spec.timeout);
-        let block_size = spec.desc.bdev().block_size() as u64;
+    pub fn start(spec: JobSpec, ctx: &mut Ctx<'_>, tx: Sender<JobResult>) -> anyhow::Result<()> {
+        let ch = match &spec.target {
+            TargetSpec::Bdev(desc) => {
+                let mut ch = desc.channel(ctx)?;
+                ch.set_timeout(spec.timeout);
+                Target::Bdev(ch)
+            }
+            TargetSpec::Blob { store, blob, .. } => {
+                Target::Blob { ch: store.channel(ctx)?, blob: blob.clone(), done: Vec::new() }
+            }
+        };
+        let block_size = spec.target.block_size();
         let io_bytes = (spec.io_blocks * block_size) as usize;
         let needs_buf = matches!(
             spec.workload,
@@ -115,7 +196,7 @@ impl Job {
         let mut slots = Vec::with_capacity(spec.depth);
         for _ in 0..spec.depth {
             let buf = if needs_buf {
-                let mut b = DmaBuf::new(io_bytes).map_err(nvme::BdevError::Dma)?;
+                let mut b = DmaBuf::new(io_bytes)?;
                 b.fill(0xA5);
                 Some(b)
             } else {
@@ -150,7 +231,7 @@ impl Job {
         for i in 0..job.slots.len() {
             job.submit(i, now);
         }
-        let name = format!("bdevperf_{}", job.spec.desc.bdev().name());
+        let name = format!("bdevperf_{}", job.spec.target.name());
         ctx.register_poller(name, 0, move |ctx| job.poll(ctx));
         Ok(())
     }
@@ -269,7 +350,7 @@ impl Job {
             let bs = self.block_size as usize;
             self.mismatch = Some(format!(
                 "bdev {}: data mismatch at block {} (byte {} of the {}-byte request at block {offset}): expected {:#04x}, read {:#04x}",
-                self.spec.desc.bdev().name(),
+                self.spec.target.name(),
                 offset + (at / bs) as u64,
                 at % bs,
                 buf.len(),
@@ -301,7 +382,7 @@ impl Job {
         if (stopping || self.mismatch.is_some()) && self.inflight == 0 {
             if let Some(tx) = self.tx.take() {
                 let _ = tx.send(JobResult {
-                    bdev: self.spec.desc.bdev().name().to_string(),
+                    bdev: self.spec.target.name(),
                     reactor: ctx.reactor_id(),
                     core: ctx.handle().core(),
                     elapsed_ns: now.min(self.end).saturating_sub(self.begin).max(1),

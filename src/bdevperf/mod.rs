@@ -21,7 +21,7 @@ use pmd::dma::HugepageMode;
 use serde_json::json;
 
 use crate::app::{App, read_config, replay};
-use job::{Job, JobResult, JobSpec};
+use job::{Job, JobResult, JobSpec, TargetSpec};
 
 /// What the jobs do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -93,6 +93,10 @@ pub struct Args {
     /// Under the adaptive policy, microseconds without work before a reactor sleeps.
     #[arg(long, default_value_t = 200)]
     spin_us: u64,
+    /// Run on a blob instead of each bdev: format a blobstore on it (cluster
+    /// size in bytes, e.g. 1m) and create one thick blob spanning it.
+    #[arg(long, value_parser = parse_size)]
+    blobstore: Option<u64>,
     /// DMA memory: auto, require or never hugepages.
     #[arg(long, default_value = "auto", value_parser = crate::server::parse_hugepages)]
     hugepages: HugepageMode,
@@ -143,33 +147,55 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let writes = !matches!(args.workload, Workload::Read | Workload::Randread);
     let reactors = runtime.reactors().clone();
+    let mut targets = Vec::new();
+    let mut stores = Vec::new();
+    for bdev in &bdevs {
+        let target = match args.blobstore {
+            None => TargetSpec::Bdev(app.registry.open(bdev.name(), writes)?),
+            Some(cluster) => {
+                let (store, blob) = rt
+                    .block_on(blob_target(&app, bdev.name(), cluster))
+                    .with_context(|| format!("preparing a blob on {}", bdev.name()))?;
+                stores.push(store.clone());
+                TargetSpec::Blob {
+                    name: format!("{}/blob{}", bdev.name(), blob.id()),
+                    blob: blob.shared().clone(),
+                    store,
+                }
+            }
+        };
+        targets.push(target);
+    }
     let mut specs = Vec::new();
-    for (n, bdev) in bdevs.iter().enumerate() {
-        let bs = bdev.block_size() as u64;
+    for (n, target) in targets.into_iter().enumerate() {
+        let bs = target.block_size();
+        let units = match &target {
+            TargetSpec::Bdev(d) => d.bdev().num_blocks(),
+            TargetSpec::Blob { blob, store, .. } => blob.num_clusters() * store.pages_per_cluster(),
+        };
         if args.io_size % bs != 0 {
-            bail!("-o {} is not a multiple of the {}-byte block size of bdev {}", args.io_size, bs, bdev.name());
+            bail!("-o {} is not a multiple of the {}-byte block size of {}", args.io_size, bs, target.name());
         }
         let io_blocks = args.io_size / bs;
         let cores: Vec<usize> = if args.every_core { (0..reactors.len()).collect() } else { vec![n % reactors.len()] };
-        // With -C, verify splits the bdev so that jobs never touch each other's blocks.
+        // With -C, verify splits the target so that jobs never touch each other's blocks.
         let parts = if args.workload == Workload::Verify { cores.len() as u64 } else { 1 };
-        let part = bdev.num_blocks() / parts;
+        let part = units / parts;
         if part / io_blocks < if args.workload == Workload::Verify { args.depth as u64 } else { 1 } {
             bail!(
-                "bdev {} ({} blocks per job) is too small for {} requests of {} blocks in flight",
-                bdev.name(),
+                "{} ({} blocks per job) is too small for {} requests of {} blocks in flight",
+                target.name(),
                 part,
                 args.depth,
                 io_blocks
             );
         }
-        let desc = app.registry.open(bdev.name(), writes)?;
         for (k, &r) in cores.iter().enumerate() {
-            let range = if parts > 1 { (k as u64 * part, part) } else { (0, bdev.num_blocks()) };
+            let range = if parts > 1 { (k as u64 * part, part) } else { (0, units) };
             specs.push((
                 r,
                 JobSpec {
-                    desc: desc.clone(),
+                    target: target.clone(),
                     workload: args.workload,
                     depth: args.depth,
                     io_blocks,
@@ -223,8 +249,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     results.sort_by_key(|r| (r.bdev.clone(), r.reactor));
+    for store in stores {
+        if let Err(e) = rt.block_on(store.unload()) {
+            tracing::warn!("unloading the blobstore on {} failed: {e}", store.bdev_name());
+        }
+    }
     drop(runtime);
     report(&args, &results)
+}
+
+/// Formats a blobstore on `bdev` and creates a thick blob of nearly all its space.
+async fn blob_target(app: &App, bdev: &str, cluster_size: u64) -> anyhow::Result<(blobfs::Blobstore, blobfs::Blob)> {
+    let cluster_size = u32::try_from(cluster_size)
+        .map_err(|_| anyhow::anyhow!("--blobstore {cluster_size} is too large a cluster size"))?;
+    let opts = blobfs::FormatOptions { cluster_size, journal_pages: None };
+    let store = blobfs::Blobstore::format(&app.registry, bdev, app.reactors[0].clone(), opts).await?;
+    // Leave room for checkpoints.
+    let free = store.stats().await?.free_clusters;
+    let clusters = free.saturating_sub(4 + free / 64).max(1);
+    let id =
+        store.create_blob(blobfs::BlobOptions { num_clusters: clusters, thin: false, ..Default::default() }).await?;
+    let blob = store.open_blob(id).await?;
+    Ok((store, blob))
 }
 
 struct Row {

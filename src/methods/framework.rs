@@ -102,7 +102,14 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             ];
             for bdev in a.registry.list() {
                 let config = bdev.config();
-                calls.push(json!({ "method": format!("bdev_{}_create", config.kind()), "params": config }));
+                let call = json!({ "method": config.method(), "params": config });
+                // An NVMe controller's namespaces share one attach call.
+                if !calls.contains(&call) {
+                    calls.push(call);
+                }
+            }
+            for bdev in a.blobstores.lock().unwrap_or_else(|p| p.into_inner()).keys() {
+                calls.push(json!({ "method": "blobstore_load", "params": { "bdev_name": bdev } }));
             }
             calls.extend(a.fabric.save_config());
             Ok(calls)

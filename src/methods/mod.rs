@@ -2,7 +2,9 @@
 
 mod bdev;
 pub mod fabric;
+mod blobstore;
 mod framework;
+mod nvme;
 
 use std::sync::Arc;
 
@@ -16,12 +18,14 @@ pub fn build(app: &Arc<App>) -> Arc<Methods> {
     framework::register(&mut methods, app);
     bdev::register(&mut methods, app);
     fabric::register(&mut methods, app);
+    blobstore::register(&mut methods, app);
+    nvme::register(&mut methods, app);
     let methods = Arc::new(methods);
     let _ = app.methods.set(Arc::downgrade(&methods));
     methods
 }
 
 /// A bdev-layer error as a JSON-RPC error (negative errno, as SPDK does).
-pub fn bdev_err(e: nvme::BdevError) -> RpcError {
+pub fn bdev_err(e: ::nvme::BdevError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }

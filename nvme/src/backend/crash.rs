@@ -389,7 +389,7 @@ impl CrashChannel {
             let at = (block - first) as usize * bs;
             match &vs.last().expect("no empty version lists").data {
                 Some((data, off)) => c.bufs.copy_in(at, &data[*off..*off + bs]),
-                None => c.bufs.copy_in(at, &vec![0u8; bs]),
+                None => c.bufs.fill(at, bs, 0),
             }
         }
     }

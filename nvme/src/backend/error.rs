@@ -243,8 +243,8 @@ impl ErrorChannel {
             match self.torn.remove(&c.tag) {
                 None => out.push(c),
                 Some(Torn::Read { keep_bytes }) => {
-                    let garbage = vec![0xEE; c.bufs.len().saturating_sub(keep_bytes)];
-                    c.bufs.copy_in(keep_bytes, &garbage);
+                    let rest = c.bufs.len().saturating_sub(keep_bytes);
+                    c.bufs.fill(keep_bytes, rest, 0xEE);
                     out.push(c);
                 }
                 Some(Torn::Write(original)) => out.push(Completion::of(original, c.status)),

@@ -4,6 +4,7 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use crate::bdev::Segment;
 use crate::bdev::{Bdev, BdevRegistry, Completion, Io, IoType};
 use crate::error::BdevError;
 
@@ -77,30 +78,32 @@ impl MallocChannel {
     }
 
     #[inline]
-    pub(crate) fn submit(&mut self, mut io: Io) {
+    pub(crate) fn submit(&mut self, io: Io) {
         let mem = self.mem();
         let start = io.offset_blocks as usize * self.block_size;
         let len = io.num_blocks as usize * self.block_size;
         // The generic layer checked that [start, start + len) lies within the device.
         debug_assert!(io.op == IoType::Flush || start + len <= mem.len);
         match io.op {
-            IoType::Read => {
+            IoType::Read | IoType::Write => {
                 let mut at = start;
-                for buf in io.bufs.as_mut_slice() {
-                    let n = buf.len();
-                    // SAFETY: source range lies within the device (checked above); the
-                    // destination is a buffer we own exclusively for `n` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(mem.base.as_ptr().add(at), buf.as_mut_ptr(), n) };
-                    at += n;
-                }
-            }
-            IoType::Write => {
-                let mut at = start;
-                for buf in io.bufs.as_slice() {
-                    // SAFETY: destination range lies within the device; the source is a
-                    // buffer we own for `buf.len()` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), mem.base.as_ptr().add(at), buf.len()) };
-                    at += buf.len();
+                let mut copy = |seg: Segment| {
+                    // SAFETY: the device range [at, at + len) lies within the device (the
+                    // generic layer checked the request); the segment is memory this
+                    // request owns for `len` bytes while it is in flight.
+                    unsafe {
+                        let dev = mem.base.as_ptr().add(at);
+                        if io.op == IoType::Read {
+                            std::ptr::copy_nonoverlapping(dev, seg.ptr, seg.len)
+                        } else {
+                            std::ptr::copy_nonoverlapping(seg.ptr, dev, seg.len)
+                        }
+                    };
+                    at += seg.len;
+                };
+                match io.bufs.single_segment() {
+                    Some(seg) => copy(seg),
+                    None => io.bufs.segments().for_each(copy),
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {

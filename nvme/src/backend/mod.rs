@@ -10,6 +10,7 @@ pub mod crash;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod nvme;
 pub mod uring;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub(crate) enum Backend {
     Uring(uring::UringDev),
     Error(error::ErrorDev),
     Crash(crash::CrashDev),
+    Nvme(nvme::NvmeNs),
 }
 
 impl Backend {
@@ -35,6 +37,7 @@ impl Backend {
             Backend::Uring(_) => "uring",
             Backend::Error(_) => "error",
             Backend::Crash(_) => "crash",
+            Backend::Nvme(_) => "nvme",
         }
     }
 
@@ -45,6 +48,7 @@ impl Backend {
             Backend::Uring(_) => "URING bdev",
             Backend::Error(_) => "Error Injection Disk",
             Backend::Crash(_) => "Crash Simulation Disk",
+            Backend::Nvme(_) => "NVMe disk",
         }
     }
 
@@ -53,6 +57,7 @@ impl Backend {
             Backend::Null(_) | Backend::Malloc(_) | Backend::Uring(_) => true,
             Backend::Error(d) => d.base().supports(op),
             Backend::Crash(d) => d.base().supports(op),
+            Backend::Nvme(d) => d.supports(op),
         }
     }
 
@@ -63,6 +68,7 @@ impl Backend {
             Backend::Uring(d) => BdevConfig::Uring(d.config(bdev)),
             Backend::Error(d) => BdevConfig::Error(d.config(bdev)),
             Backend::Crash(d) => BdevConfig::Crash(d.config(bdev)),
+            Backend::Nvme(d) => BdevConfig::Nvme(d.ctrl.config.clone()),
         }
     }
 
@@ -73,6 +79,7 @@ impl Backend {
             Backend::Uring(d) => BackendChannel::Uring(d.channel(bdev, ctx)?),
             Backend::Error(d) => BackendChannel::Error(Box::new(d.channel(bdev.clone(), ctx)?)),
             Backend::Crash(d) => BackendChannel::Crash(Box::new(d.channel(bdev.clone(), ctx)?)),
+            Backend::Nvme(d) => BackendChannel::Nvme(d.channel(ctx)?),
         })
     }
 
@@ -81,7 +88,7 @@ impl Backend {
         match self {
             Backend::Error(d) => d.release(),
             Backend::Crash(d) => d.release(),
-            Backend::Null(_) | Backend::Malloc(_) | Backend::Uring(_) => {}
+            Backend::Null(_) | Backend::Malloc(_) | Backend::Uring(_) | Backend::Nvme(_) => {}
         }
     }
 }
@@ -92,6 +99,7 @@ pub(crate) enum BackendChannel {
     Uring(uring::UringChannel),
     Error(Box<error::ErrorChannel>),
     Crash(Box<crash::CrashChannel>),
+    Nvme(nvme::NvmeChannel),
 }
 
 impl BackendChannel {
@@ -110,6 +118,7 @@ impl BackendChannel {
             BackendChannel::Uring(c) => c.submit(io),
             BackendChannel::Error(c) => c.submit(now, io),
             BackendChannel::Crash(c) => c.submit(now, io),
+            BackendChannel::Nvme(c) => c.submit(now, io),
         }
     }
 
@@ -122,6 +131,7 @@ impl BackendChannel {
             BackendChannel::Uring(c) => c.poll(out),
             BackendChannel::Error(c) => c.poll(now, out),
             BackendChannel::Crash(c) => c.poll(now, out),
+            BackendChannel::Nvme(c) => c.poll(out),
         }
     }
 
@@ -133,13 +143,15 @@ impl BackendChannel {
             BackendChannel::Uring(c) => c.abort(tag),
             BackendChannel::Error(c) => c.abort(tag),
             BackendChannel::Crash(c) => c.abort(tag),
+            BackendChannel::Nvme(c) => c.abort(tag),
         }
     }
 
     /// Whether completions of this backend wake a sleeping reactor by themselves.
     pub(crate) fn wakes_reactor(&self) -> bool {
         match self {
-            BackendChannel::Null(_) | BackendChannel::Malloc(_) => false,
+            // NVMe completions are polled (no interrupts).
+            BackendChannel::Null(_) | BackendChannel::Malloc(_) | BackendChannel::Nvme(_) => false,
             BackendChannel::Uring(_) => true,
             BackendChannel::Error(c) => c.wakes_reactor(),
             BackendChannel::Crash(c) => c.wakes_reactor(),

@@ -1,5 +1,7 @@
 //! One I/O request and its completion.
 
+use std::sync::Arc;
+
 use pmd::DmaBuf;
 
 /// The kinds of I/O a bdev may support.
@@ -45,7 +47,73 @@ impl IoType {
     }
 }
 
-/// The data buffers of an I/O: none, one, or a scatter list.
+/// A part of a buffer shared by several requests (a request split across
+/// clusters of a blob, each part going to its own device request). Each part
+/// owns `[offset, offset + len)` of the buffer while its request is in flight.
+#[derive(Debug, Clone)]
+pub struct BufPart {
+    /// The whole buffer.
+    pub buf: Arc<DmaBuf>,
+    /// First byte of the part.
+    pub offset: usize,
+    /// Bytes in the part.
+    pub len: usize,
+}
+
+/// One contiguous piece of memory a device transfers to or from.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// First byte.
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+    /// DMA pool region holding it (see [`DmaBuf::region`]).
+    pub region: Option<u32>,
+}
+
+impl Segment {
+    fn whole(b: &DmaBuf) -> Segment {
+        Segment { ptr: b.dma_ptr(), len: b.len(), region: b.region() }
+    }
+
+    fn part(p: &BufPart) -> Segment {
+        debug_assert!(p.offset + p.len <= p.buf.len());
+        // SAFETY: the part lies within the buffer (checked when the part was made).
+        let ptr = unsafe { p.buf.dma_ptr().add(p.offset) };
+        Segment { ptr, len: p.len, region: p.buf.region() }
+    }
+}
+
+/// The segments of a transfer, in order (see [`IoBufs::segments`]).
+#[derive(Debug, Clone)]
+pub struct Segments<'a> {
+    bufs: &'a IoBufs,
+    next: usize,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        let seg = match self.bufs {
+            IoBufs::None => None,
+            IoBufs::One(b) => (self.next == 0).then(|| Segment::whole(b)),
+            IoBufs::Many(v) => v.get(self.next).map(Segment::whole),
+            IoBufs::Parts(v) => v.get(self.next).map(Segment::part),
+        };
+        self.next += seg.is_some() as usize;
+        seg
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.bufs.segment_count() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Segments<'_> {}
+
+/// The data buffers of an I/O: none, one, a scatter list, or parts of shared buffers.
 #[derive(Debug, Default)]
 pub enum IoBufs {
     /// No data (flush, unmap, write zeroes, or a timed-out I/O whose buffers
@@ -56,6 +124,8 @@ pub enum IoBufs {
     One(DmaBuf),
     /// Several buffers, transferred in order.
     Many(Vec<DmaBuf>),
+    /// Parts of shared buffers, transferred in order.
+    Parts(Vec<BufPart>),
 }
 
 impl IoBufs {
@@ -65,6 +135,7 @@ impl IoBufs {
             IoBufs::None => 0,
             IoBufs::One(b) => b.len(),
             IoBufs::Many(v) => v.iter().map(|b| b.len()).sum(),
+            IoBufs::Parts(v) => v.iter().map(|p| p.len).sum(),
         }
     }
 
@@ -73,25 +144,27 @@ impl IoBufs {
         self.len() == 0
     }
 
-    /// The buffers as a slice.
-    pub fn as_slice(&self) -> &[DmaBuf] {
+    /// The memory of the transfer, in order, for device drivers (no allocation).
+    pub fn segments(&self) -> Segments<'_> {
+        Segments { bufs: self, next: 0 }
+    }
+
+    /// How many segments the transfer has.
+    pub fn segment_count(&self) -> usize {
         match self {
-            IoBufs::None => &[],
-            IoBufs::One(b) => std::slice::from_ref(b),
-            IoBufs::Many(v) => v,
+            IoBufs::None => 0,
+            IoBufs::One(_) => 1,
+            IoBufs::Many(v) => v.len(),
+            IoBufs::Parts(v) => v.len(),
         }
     }
 
-    /// The buffers as a mutable slice.
-    pub fn as_mut_slice(&mut self) -> &mut [DmaBuf] {
-        match self {
-            IoBufs::None => &mut [],
-            IoBufs::One(b) => std::slice::from_mut(b),
-            IoBufs::Many(v) => v,
-        }
+    /// The only segment, if the transfer is one contiguous piece.
+    pub fn single_segment(&self) -> Option<Segment> {
+        if self.segment_count() == 1 { self.segments().next() } else { None }
     }
 
-    /// Takes the single buffer, if there is exactly one.
+    /// Takes the single buffer, if there is exactly one owned buffer.
     pub fn into_one(self) -> Option<DmaBuf> {
         match self {
             IoBufs::One(b) => Some(b),
@@ -100,18 +173,21 @@ impl IoBufs {
         }
     }
 
-    /// Copies `data` into the buffers from byte `offset` of the transfer on.
+    /// Copies `data` into the transfer's memory from byte `offset` of the transfer on.
+    /// The caller owns the buffers (the request is complete).
     pub fn copy_in(&mut self, mut offset: usize, mut data: &[u8]) {
-        for buf in self.as_mut_slice() {
+        for seg in self.segments() {
             if data.is_empty() {
                 return;
             }
-            if offset >= buf.len() {
-                offset -= buf.len();
+            if offset >= seg.len {
+                offset -= seg.len;
                 continue;
             }
-            let n = (buf.len() - offset).min(data.len());
-            buf[offset..offset + n].copy_from_slice(&data[..n]);
+            let n = (seg.len - offset).min(data.len());
+            // SAFETY: [offset, offset + n) lies within the segment, whose memory this
+            // request owns (no device holds it: the request is not in flight).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), seg.ptr.add(offset), n) };
             data = &data[n..];
             offset = 0;
         }
@@ -119,17 +195,36 @@ impl IoBufs {
 
     /// Copies bytes from byte `offset` of the transfer on into `out`.
     pub fn copy_out(&self, mut offset: usize, mut out: &mut [u8]) {
-        for buf in self.as_slice() {
+        for seg in self.segments() {
             if out.is_empty() {
                 return;
             }
-            if offset >= buf.len() {
-                offset -= buf.len();
+            if offset >= seg.len {
+                offset -= seg.len;
                 continue;
             }
-            let n = (buf.len() - offset).min(out.len());
-            out[..n].copy_from_slice(&buf[offset..offset + n]);
+            let n = (seg.len - offset).min(out.len());
+            // SAFETY: as in `copy_in`; reading the owned range.
+            unsafe { std::ptr::copy_nonoverlapping(seg.ptr.add(offset), out.as_mut_ptr(), n) };
             out = &mut out[n..];
+            offset = 0;
+        }
+    }
+
+    /// Fills `len` bytes from byte `offset` of the transfer on with `byte`.
+    pub fn fill(&mut self, mut offset: usize, mut len: usize, byte: u8) {
+        for seg in self.segments() {
+            if len == 0 {
+                return;
+            }
+            if offset >= seg.len {
+                offset -= seg.len;
+                continue;
+            }
+            let n = (seg.len - offset).min(len);
+            // SAFETY: as in `copy_in`.
+            unsafe { std::ptr::write_bytes(seg.ptr.add(offset), byte, n) };
+            len -= n;
             offset = 0;
         }
     }
@@ -227,6 +322,9 @@ pub enum IoError {
     /// The device is gone (deleted, hot-removed or powered off).
     #[error("device removed")]
     Removed,
+    /// No space to allocate (a thin-provisioned device or blob ran out).
+    #[error("no space left")]
+    NoSpace,
 }
 
 impl IoError {
@@ -242,6 +340,7 @@ impl IoError {
             IoError::Unsupported => libc::EOPNOTSUPP,
             IoError::ReadOnly => libc::EROFS,
             IoError::Removed => libc::ENODEV,
+            IoError::NoSpace => libc::ENOSPC,
         }
     }
 }
@@ -274,11 +373,28 @@ mod tests {
     fn copy_in_and_out_cross_buffer_boundaries() {
         let mut bufs = IoBufs::Many(vec![DmaBuf::zeroed(3).unwrap(), DmaBuf::zeroed(4).unwrap()]);
         bufs.copy_in(2, b"abcd");
-        assert_eq!(&bufs.as_slice()[0][..], b"\0\0a");
-        assert_eq!(&bufs.as_slice()[1][..], b"bcd\0");
+        let mut all = [0u8; 7];
+        bufs.copy_out(0, &mut all);
+        assert_eq!(&all, b"\0\0abcd\0");
         let mut out = [0u8; 5];
         bufs.copy_out(1, &mut out);
         assert_eq!(&out, b"\0abcd");
         assert_eq!(bufs.len(), 7);
+        bufs.fill(1, 4, b'x');
+        bufs.copy_out(0, &mut all);
+        assert_eq!(&all, b"\0xxxxd\0");
+    }
+
+    #[test]
+    fn parts_address_disjoint_ranges_of_one_buffer() {
+        let shared = Arc::new(DmaBuf::zeroed(8192).unwrap());
+        let mut a = IoBufs::Parts(vec![BufPart { buf: shared.clone(), offset: 0, len: 4096 }]);
+        let mut b = IoBufs::Parts(vec![BufPart { buf: shared.clone(), offset: 4096, len: 4096 }]);
+        a.copy_in(0, &[1; 4096]);
+        b.copy_in(0, &[2; 4096]);
+        assert_eq!(a.single_segment().unwrap().ptr as usize + 4096, b.single_segment().unwrap().ptr as usize);
+        drop((a, b));
+        let whole = Arc::try_unwrap(shared).unwrap();
+        assert!(whole[..4096].iter().all(|&x| x == 1) && whole[4096..].iter().all(|&x| x == 2));
     }
 }

@@ -8,13 +8,13 @@
 //! bdev can be neither claimed again nor deleted.
 
 mod channel;
-mod io;
+pub(crate) mod io;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use channel::BdevChannel;
-pub use io::{Completion, Io, IoBufs, IoError, IoType};
+pub use io::{BufPart, Completion, Io, IoBufs, IoError, IoType, Segment, Segments};
 
 use crate::BdevConfig;
 use crate::backend::Backend;

@@ -1,5 +1,8 @@
-//! A harness that drives one reactor and bdev channels synchronously.
+//! A harness that drives one reactor and bdev channels synchronously, and
+//! the NVMe driver scenarios shared by the twin and the VFIO tests.
 #![allow(dead_code)]
+
+pub mod scenarios;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

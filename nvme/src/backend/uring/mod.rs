@@ -161,7 +161,7 @@ pub(crate) struct UringChannel {
 
 impl UringChannel {
     fn entry(&self, ring: &mut Ring, req: &mut Inflight) -> squeue::Entry {
-        let io = &mut req.io;
+        let io = &req.io;
         let offset = io.offset_blocks * self.block_size + req.done as u64;
         let len = (io.num_blocks * self.block_size) as usize - req.done;
         let rw_flags = if io.fua { libc::RWF_DSYNC } else { 0 };
@@ -175,13 +175,11 @@ impl UringChannel {
         }
         match io.op {
             IoType::Read | IoType::Write => {
-                let bufs = io.bufs.as_mut_slice();
-                if let [buf] = bufs {
-                    let region = buf.region();
-                    // SAFETY: `done < buf.len()` (a partial transfer never exceeds the
-                    // length), so the pointer stays inside the buffer.
-                    let ptr = unsafe { buf.as_mut_ptr().add(req.done) };
-                    let fixed = ring.fixed_buffer(region);
+                if let Some(seg) = io.bufs.single_segment() {
+                    // SAFETY: `done < seg.len` (a partial transfer never exceeds the
+                    // length), so the pointer stays inside the segment.
+                    let ptr = unsafe { seg.ptr.add(req.done) };
+                    let fixed = ring.fixed_buffer(seg.region);
                     match (io.op, fixed) {
                         (IoType::Read, Some(i)) => {
                             with_file!(|f| opcode::ReadFixed::new(f, ptr, len as u32, i).offset(offset).build())
@@ -201,14 +199,14 @@ impl UringChannel {
                 } else {
                     req.iovecs.clear();
                     let mut skip = req.done;
-                    for b in bufs.iter_mut() {
-                        if skip >= b.len() {
-                            skip -= b.len();
+                    for seg in io.bufs.segments() {
+                        if skip >= seg.len {
+                            skip -= seg.len;
                             continue;
                         }
-                        // SAFETY: `skip < b.len()`, so the pointer stays inside the buffer.
-                        let base = unsafe { b.as_mut_ptr().add(skip) };
-                        req.iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() - skip });
+                        // SAFETY: `skip < seg.len`, so the pointer stays inside the segment.
+                        let base = unsafe { seg.ptr.add(skip) };
+                        req.iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: seg.len - skip });
                         skip = 0;
                     }
                     let (iov, n) = (req.iovecs.as_ptr(), req.iovecs.len() as u32);
