@@ -188,14 +188,18 @@ impl Perf {
                         latency: self.hist.snapshot(),
                         sum_ns: self.sum_ns,
                     };
-                    let _ = self.tx.send(Ok(r));
                     self.idx += 1;
                     if self.idx < self.sizes.len() {
                         self.start_size(rpc, now);
+                    } else {
+                        // Say goodbye, so that the server drops the connection now rather
+                        // than at its keepalive timeout.
+                        rpc.close(now, self.conn);
                     }
+                    let _ = self.tx.send(Ok(r));
                 }
             }
-            Event::Disconnected { error, .. } => {
+            Event::Disconnected { error, .. } if self.idx < self.sizes.len() => {
                 let _ = self.tx.send(Err(format!("the connection failed: {error}")));
             }
             _ => {}

@@ -17,7 +17,10 @@
 //! provider's inject size are copied out at once (`fi_injectdata`); larger
 //! ones keep their header and payload in an operation slot until their
 //! completion. A send the provider refuses for now (`-FI_EAGAIN`, e.g. while
-//! rxm sets up its connection) waits in the link's queue, in order.
+//! rxm sets up its connection) waits in the link's queue, in order, and is
+//! retried after a wait that doubles while the provider keeps refusing
+//! (1 µs up to [`MAX_RETRY_NS`]): to a peer that is gone, every attempt of
+//! rxm is a new TCP connect, which must not happen on every poll.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,6 +36,8 @@ use crate::slab::Slab;
 
 /// Bytes of one receive buffer: the largest inline frame.
 const RECV_LEN: usize = HEADER_LEN + MAX_INLINE;
+/// Longest wait before a refused send is tried again.
+const MAX_RETRY_NS: u64 = 1_000_000;
 
 enum Op {
     Send { link: LinkId, payload: Payload },
@@ -47,7 +52,18 @@ struct Link {
     peer_token: u32,
     /// Frames the provider could not take yet, in order.
     queue: VecDeque<(Header, Payload)>,
+    /// When to try the queue again, and the wait before that (0: the provider took the last frame).
+    retry_at: u64,
+    retry_ns: u64,
     last_rx: u64,
+}
+
+impl Link {
+    /// The provider refused a send at `now`: wait twice as long as last time before the next try.
+    fn refused(&mut self, now: u64) {
+        self.retry_ns = (self.retry_ns * 2).clamp(1_000, MAX_RETRY_NS);
+        self.retry_at = now + self.retry_ns;
+    }
 }
 
 /// The libfabric transport. See the module docs.
@@ -75,6 +91,8 @@ pub struct OfiTransport {
     inject_size: usize,
     in_flight: usize,
     rejected: u64,
+    /// The time of the last poll.
+    now: u64,
 }
 
 impl std::fmt::Debug for OfiTransport {
@@ -174,6 +192,7 @@ impl OfiTransport {
             local,
             in_flight: 0,
             rejected: 0,
+            now: 0,
             ep,
         };
         for slot in 0..recv_buffers {
@@ -216,6 +235,8 @@ impl OfiTransport {
             text,
             peer_token: 0,
             queue: VecDeque::new(),
+            retry_at: 0,
+            retry_ns: 0,
             last_rx: now,
         });
         if Slab::<Link>::short(link).is_none() {
@@ -285,16 +306,25 @@ impl OfiTransport {
         }
     }
 
-    /// Sends what waits in the links' queues, in order, until the provider pushes back.
-    fn drain_backlog(&mut self, events: &mut Vec<TransportEvent>) {
+    /// Sends what waits in the queues of links due for a try, in order, until the provider pushes back.
+    fn drain_backlog(&mut self, now: u64, events: &mut Vec<TransportEvent>) {
         for link in std::mem::take(&mut self.backlog) {
+            if self.links.get(link).is_some_and(|l| l.retry_at > now) {
+                self.backlog.push(link);
+                continue;
+            }
             loop {
                 let Some(frame) = self.links.get_mut(link).and_then(|l| l.queue.pop_front()) else { break };
                 match self.try_send(link, frame.0, frame.1) {
-                    Ok(None) => {}
+                    Ok(None) => {
+                        if let Some(l) = self.links.get_mut(link) {
+                            l.retry_ns = 0;
+                        }
+                    }
                     Ok(Some(back)) => {
                         if let Some(l) = self.links.get_mut(link) {
                             l.queue.push_front(back);
+                            l.refused(now);
                             self.backlog.push(link);
                         }
                         break;
@@ -451,6 +481,7 @@ impl Transport for OfiTransport {
         if let Some(back) = self.try_send(link, header, payload)? {
             let l = self.links.get_mut(link).expect("checked above");
             l.queue.push_back(back);
+            l.refused(self.now);
             self.backlog.push(link);
         }
         Ok(())
@@ -467,6 +498,7 @@ impl Transport for OfiTransport {
     fn flush(&mut self) {}
 
     fn poll(&mut self, now: u64, events: &mut Vec<TransportEvent>) -> bool {
+        self.now = now;
         let before = events.len();
         events.append(&mut self.pending);
         let mut completions = std::mem::take(&mut self.completions);
@@ -523,7 +555,7 @@ impl Transport for OfiTransport {
         }
         self.completions = completions;
         if !self.backlog.is_empty() {
-            self.drain_backlog(events);
+            self.drain_backlog(now, events);
         }
         while let Some(&slot) = self.reads_waiting.front() {
             match self.post_read(slot) {
