@@ -124,7 +124,8 @@ impl Perf {
         self.measure_start = now + self.warmup_ns;
         self.end = self.measure_start + self.time_ns;
         (self.calls, self.sum_ns, self.hist) = (0, 0, Histogram::default());
-        self.patterns = if self.verify { (0..self.depth).map(|i| pattern(size, i as u8)).collect() } else { Vec::new() };
+        self.patterns =
+            if self.verify { (0..self.depth).map(|i| pattern(size, i as u8)).collect() } else { Vec::new() };
         for i in 0..self.depth {
             self.issue(rpc, now, pattern(size, i as u8), i as u8);
         }
@@ -211,7 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.depth == 0 || args.sizes.is_empty() {
         bail!("-q must be at least 1 and -o must name a size");
     }
-    if !(args.time > 0.0) || !(args.warmup >= 0.0) {
+    if args.time.is_nan() || args.time <= 0.0 || args.warmup.is_nan() || args.warmup < 0.0 {
         bail!("-t must be positive and --warmup not negative");
     }
     let (runtime, _mask) = crate::server::start_runtime(&args.mask, args.idle, 200, args.hugepages, None)?;

@@ -7,8 +7,8 @@
 
 mod app;
 mod bdevperf;
-mod fabricperf;
 mod blobperf;
+mod fabricperf;
 mod methods;
 mod server;
 

@@ -644,6 +644,7 @@ fn nvme_methods_name_what_is_wrong_without_hardware() {
     let (code, msg) = s.call("bdev_nvme_attach_controller", json!({"traddr": "0000:00:05.0"})).unwrap_err();
     assert_eq!(code, -32602, "a missing name is an invalid parameter: {msg}");
     assert!(s.stop().status.success());
+}
 
 // ---- fabric listeners -------------------------------------------------------
 

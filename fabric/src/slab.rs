@@ -87,7 +87,7 @@ impl<T> Slab<T> {
     /// fields that only have 32 bits; `None` if the index does not fit.
     pub(crate) fn short(key: Key) -> Option<u32> {
         let (i, g) = split(key);
-        (i < 1 << 16).then(|| ((g & 0xffff) << 16) | i as u32)
+        (i < 1 << 16).then_some(((g & 0xffff) << 16) | i as u32)
     }
 
     /// The entry a [`Slab::short`] key names, if it is still there.

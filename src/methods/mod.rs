@@ -1,8 +1,8 @@
 //! The JSON-RPC methods of a ClaudeFS server, by subsystem.
 
 mod bdev;
-pub mod fabric;
 mod blobstore;
+pub mod fabric;
 mod framework;
 mod nvme;
 

@@ -265,6 +265,10 @@ pub fn libfabric_version() -> Option<String> {
 }
 
 /// Either transport, dispatched without virtual calls.
+// One per endpoint, made once and never moved on a hot path: the size of
+// the larger variant costs nothing, and a box would cost an indirection on
+// every call.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyTransport {
     /// Plain TCP.
     Tcp(tcp::TcpTransport),
