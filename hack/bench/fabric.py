@@ -250,12 +250,12 @@ def main():
                     help="scheduler priority of the benchmark's session (default: -10 as root, else 0: unchanged)")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
-    if a.autogroup_nice:
-        isolate(a.autogroup_nice)
     if a.report:
         with open(RESULTS) as f:
             report(json.load(f))
         return
+    if a.autogroup_nice:
+        isolate(a.autogroup_nice)
     subprocess.run([os.path.join(ROOT, "hack/deps.sh"), "bench"], check=True)
     subprocess.run(["cargo", "build", "--release", "--bin", "claudefs"], check=True, cwd=ROOT)
     transports = ["tcp;ofi_rxm", "shm", "tcp"]
