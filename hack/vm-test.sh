@@ -96,7 +96,13 @@ for m in /mods/*.ko; do insmod "\$m" 2>/dev/null || insmod "\$m" || echo "guest:
 mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || echo "guest: mounting the host root failed"
 mount -t 9p -o trans=virtio,version=9p2000.L out /out || echo "guest: mounting the result share failed"
 for d in dev proc sys; do mount --bind /\$d /host/\$d; done
+# The guest's /tmp is its own (the host root is read-only); a checkout or
+# target directory under the host's /tmp stays visible through bind mounts.
+mkdir -p /hosttmp; mount --bind /host/tmp /hosttmp
 mount -t tmpfs tmp /host/tmp
+for p in $root $target; do
+  case "\$p" in /tmp/*) mkdir -p "/host\$p"; mount --bind "/hosttmp/\${p#/tmp/}" "/host\$p" ;; esac
+done
 mount --bind /out /host/tmp/vm-out 2>/dev/null || { mkdir -p /host/tmp/vm-out && mount --bind /out /host/tmp/vm-out; }
 if [ "$shell" = true ]; then
   setsid cttyhack sh

@@ -73,18 +73,10 @@ impl BlobIo {
     }
 }
 
-/// The end of a blob request.
-#[derive(Debug)]
-pub struct BlobCompletion {
-    /// The request's tag.
-    pub tag: u64,
-    /// The request's kind.
-    pub op: IoType,
-    /// Success or why not.
-    pub status: Result<(), IoError>,
-    /// The buffers, handed back.
-    pub bufs: IoBufs,
-}
+/// The end of a blob request: the bdev layer's completion, with the blob
+/// request's tag (so a user of blobs and bdevs handles both alike, and a
+/// single-cluster request's completion passes through unchanged).
+pub type BlobCompletion = Completion;
 
 /// How a split request's buffers go back to the user.
 enum Shape {
@@ -123,7 +115,12 @@ enum Slot {
     Md(u32),
 }
 
-/// A metadata request of a home-reactor task.
+/// Blob request tags with this bit set name a waiting task, not a user's
+/// request: users' tags must leave it clear.
+pub(crate) const WAITED: u64 = 1 << 63;
+
+/// A request a task awaits: metadata I/O of the home reactor, or blob I/O
+/// of a task on any reactor.
 struct MdWait {
     done: Option<Completion>,
     waker: Option<Waker>,
@@ -243,7 +240,54 @@ impl BsChannel {
     }
 
     fn fail(&mut self, io: BlobIo, e: IoError) {
-        self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Err(e), bufs: io.bufs });
+        self.finish(Completion { tag: io.tag, op: io.op, status: Err(e), bufs: io.bufs });
+    }
+
+    /// Fails a user's request before it enters the channel (its tag is
+    /// returned as it was, whatever its bits).
+    pub(crate) fn refuse(&mut self, io: BlobIo, e: IoError) {
+        self.done.push(Completion { tag: io.tag, op: io.op, status: Err(e), bufs: io.bufs });
+    }
+
+    /// Hands a finished blob request to whoever waits for it: a task (the
+    /// tag names its waiter) or the channel's user (through `take_done`).
+    fn finish(&mut self, c: Completion) {
+        if c.tag & WAITED != 0 {
+            self.wake_waiter((c.tag & !WAITED) as u32, c);
+        } else {
+            self.done.push(c);
+        }
+    }
+
+    fn wake_waiter(&mut self, w: u32, c: Completion) {
+        if let Some(Some(wait)) = self.md.get_mut(w as usize) {
+            wait.done = Some(c);
+            if let Some(waker) = wait.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    fn new_waiter(&mut self) -> u32 {
+        match self.free_md.pop() {
+            Some(i) => {
+                self.md[i as usize] = Some(MdWait { done: None, waker: None });
+                i
+            }
+            None => {
+                self.md.push(Some(MdWait { done: None, waker: None }));
+                (self.md.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes a blob request whose completion a task awaits with
+    /// [`BsChannel::waited_poll`]; returns the waiter.
+    pub fn submit_waited(&mut self, now: u64, mut io: BlobIo) -> u32 {
+        let w = self.new_waiter();
+        io.tag = WAITED | u64::from(w);
+        self.submit(now, io);
+        w
     }
 
     /// Takes a blob request. Its completion comes from a later [`BsChannel::take_done`].
@@ -367,10 +411,10 @@ impl BsChannel {
         let zero_fill = io.op == IoType::Read && device.len() < pieces.len();
         if zero_fill && device.is_empty() {
             io.bufs.fill(0, io.bufs.len(), 0);
-            return self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
+            return self.finish(Completion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
         }
         if device.is_empty() {
-            return self.done.push(BlobCompletion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
+            return self.finish(Completion { tag: io.tag, op: io.op, status: Ok(()), bufs: io.bufs });
         }
         let direct = device.len() == 1 && !zero_fill && !matches!(io.bufs, IoBufs::Parts(_));
         let (bufs, shared) = if direct || io.bufs.is_empty() {
@@ -447,17 +491,10 @@ impl BsChannel {
             match slot {
                 Slot::Single { tag, epoch } => {
                     self.inflight[epoch as usize] -= 1;
-                    self.done.push(BlobCompletion { tag, op: c.op, status: c.status, bufs: c.bufs });
+                    self.finish(Completion { tag, ..c });
                 }
                 Slot::Data(r) => self.data_done(r, c),
-                Slot::Md(w) => {
-                    if let Some(Some(wait)) = self.md.get_mut(w as usize) {
-                        wait.done = Some(c);
-                        if let Some(waker) = wait.waker.take() {
-                            waker.wake();
-                        }
-                    }
-                }
+                Slot::Md(w) => self.wake_waiter(w, c),
                 Slot::Free => tracing::error!(tag = c.tag, "blobstore: completion for no request"),
             }
         }
@@ -502,7 +539,7 @@ impl BsChannel {
             Bufs::Shared(ranges, shape) => unshare(ranges, shape),
             Bufs::None => IoBufs::None,
         };
-        self.done.push(BlobCompletion { tag: req.tag, op: req.op, status: req.status, bufs });
+        self.finish(Completion { tag: req.tag, op: req.op, status: req.status, bufs });
     }
 
     fn restart_parked(&mut self, now: u64) {
@@ -562,25 +599,17 @@ impl BsChannel {
         }
     }
 
-    /// Sends a metadata request; returns the waiter index for [`BsChannel::md_poll`].
+    /// Sends a metadata request; returns the waiter index for [`BsChannel::waited_poll`].
     pub fn md_submit(&mut self, now: u64, mut io: Io) -> u32 {
-        let w = match self.free_md.pop() {
-            Some(i) => {
-                self.md[i as usize] = Some(MdWait { done: None, waker: None });
-                i
-            }
-            None => {
-                self.md.push(Some(MdWait { done: None, waker: None }));
-                (self.md.len() - 1) as u32
-            }
-        };
+        let w = self.new_waiter();
         io.tag = self.slot(Slot::Md(w));
         self.bdev.submit(now, io);
         w
     }
 
-    /// The completion of metadata request `w`, or registers `waker`.
-    pub fn md_poll(&mut self, w: u32, waker: &Waker) -> Option<Completion> {
+    /// The completion of waited request `w` (metadata or blob), or
+    /// registers `waker`.
+    pub fn waited_poll(&mut self, w: u32, waker: &Waker) -> Option<Completion> {
         let wait = self.md[w as usize].as_mut().expect("a live metadata waiter");
         match wait.done.take() {
             Some(c) => {

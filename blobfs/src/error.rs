@@ -79,6 +79,12 @@ pub enum BlobError {
     /// The store's home reactor stopped.
     #[error("the blobstore's home reactor stopped")]
     HomeGone,
+    /// The file system's metadata group failed to start or to serve.
+    #[error("metadata group: {0}")]
+    MetaGroup(String),
+    /// The reactor asked to run a request stopped.
+    #[error("the reactor asked to run a blob request stopped")]
+    ReactorGone,
     /// The bdev could not be used.
     #[error(transparent)]
     Bdev(#[from] nvme::BdevError),
@@ -111,7 +117,8 @@ impl BlobError {
             Self::Open { .. } | Self::HasClones { .. } | Self::Busy(_) => libc::EBUSY,
             Self::ReadOnly(_) => libc::EROFS,
             Self::Unloaded => libc::ENODEV,
-            Self::HomeGone => libc::ESHUTDOWN,
+            Self::HomeGone | Self::ReactorGone => libc::ESHUTDOWN,
+            Self::MetaGroup(_) => libc::EIO,
             Self::Bdev(e) => e.errno(),
             Self::Dma(_) => libc::ENOMEM,
         }

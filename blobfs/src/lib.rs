@@ -36,6 +36,7 @@ mod channel;
 mod engine;
 mod error;
 pub mod format;
+pub mod fs;
 mod shared;
 pub mod state;
 mod store;

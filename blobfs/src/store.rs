@@ -182,6 +182,16 @@ impl Blobstore {
         rx.await.map_err(|_| BlobError::HomeGone)?
     }
 
+    /// Clusters free now (a moment's figure: other users allocate too).
+    pub fn free_clusters(&self) -> u64 {
+        self.shared.free_clusters.load(Ordering::Relaxed)
+    }
+
+    /// The store's home reactor (where its metadata lives).
+    pub fn home(&self) -> &ReactorHandle {
+        &self.shared.home
+    }
+
     /// The bdev holding the store.
     pub fn bdev_name(&self) -> String {
         self.shared.desc.bdev().name().to_string()
@@ -366,6 +376,19 @@ impl Blobstore {
         .await
     }
 
+    /// Runs a blob request on reactor `on` from any thread (a FUSE worker, a
+    /// tokio task) and waits for it. Fails only if the reactor is gone or the
+    /// store unloaded; the request's own status is in the completion.
+    pub async fn io(&self, on: &ReactorHandle, io: BlobIo) -> Result<BlobCompletion, BlobError> {
+        let store = self.clone();
+        on.spawn(move |ctx| {
+            let ch = store.channel(ctx);
+            async move { Ok(ch?.io(io).await) }
+        })
+        .await
+        .map_err(|_| BlobError::ReactorGone)?
+    }
+
     /// This reactor's channel for blob I/O.
     pub fn channel(&self, ctx: &mut Ctx<'_>) -> Result<BlobChannel, BlobError> {
         if self.shared.unloaded.load(Ordering::Acquire) {
@@ -512,9 +535,29 @@ pub struct BlobChannel {
 }
 
 impl BlobChannel {
-    /// Submits a request; its completion comes from a later [`BlobChannel::poll`].
+    /// Submits a request; its completion comes from a later
+    /// [`BlobChannel::poll`]. Tags must leave the top bit clear (it marks
+    /// requests awaited by [`BlobChannel::io`]): a request with it set fails.
     pub fn submit(&self, now: u64, io: BlobIo) {
-        self.ch.borrow_mut().submit(now, io);
+        let mut ch = self.ch.borrow_mut();
+        if io.tag & crate::channel::WAITED != 0 {
+            return ch.refuse(io, nvme::IoError::Invalid);
+        }
+        ch.submit(now, io);
+    }
+
+    /// Runs a request and waits for its completion, from a task on this
+    /// channel's reactor. Requests of tasks and of [`BlobChannel::poll`]
+    /// users share the channel without seeing each other's completions.
+    pub async fn io(&self, io: BlobIo) -> BlobCompletion {
+        let tag = io.tag;
+        let w = self.ch.borrow_mut().submit_waited(pmd::task::now(), io);
+        let c = std::future::poll_fn(|cx| match self.ch.borrow_mut().waited_poll(w, cx.waker()) {
+            Some(c) => std::task::Poll::Ready(c),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        BlobCompletion { tag, ..c }
     }
 
     /// Appends finished requests to `out`; returns how many.

@@ -309,3 +309,40 @@ fn other_reactors_write_thin_blobs_through_the_home_reactor() {
     let s = store.clone();
     assert_eq!(h.run(async move { s.info(id).await }).unwrap().allocated_clusters, 3);
 }
+
+#[test]
+fn awaited_requests_from_any_thread_and_polled_requests_share_a_channel() {
+    let (mut h, bdev) = Harness::with_malloc(2, 16, false);
+    let store = h.format(&bdev, CLUSTER, None);
+    let s = store.clone();
+    let blob = h.run(async move { s.open_blob(s.create_blob(opts(8, true)).await?).await }).unwrap();
+    // Awaited through reactor 1 (allocating a thin cluster on the way), read
+    // back through reactor 0.
+    let data = pattern(3, 2 * PAGE);
+    let (r0, r1) = (h.reactors[0].handle(), h.reactors[1].handle());
+    let (s, b, d) = (store.clone(), blob.shared().clone(), data.clone());
+    let c =
+        h.run(async move { s.io(&r1, BlobIo::write(&b, 20, pmd::DmaBuf::copy_from(&d).unwrap(), 9)).await }).unwrap();
+    assert_eq!((c.tag, c.status), (9, Ok(())), "the completion carries the caller's tag");
+    let (s, b, r) = (store.clone(), blob.shared().clone(), r0.clone());
+    let c = h.run(async move { s.io(&r, BlobIo::read(&b, 20, pmd::DmaBuf::new(2 * PAGE).unwrap(), 0)).await }).unwrap();
+    let mut got = vec![0; 2 * PAGE];
+    c.bufs.copy_out(0, &mut got);
+    assert_eq!(got, data);
+    // A polled request in flight on reactor 0's channel while a task awaits
+    // another there: each sees only its own completion.
+    let ch = h.channel(&store, 0);
+    ch.submit(h.now, BlobIo::read(blob.shared(), 20, pmd::DmaBuf::new(PAGE).unwrap(), 77));
+    let (s, b) = (store.clone(), blob.shared().clone());
+    let awaited = h.run(async move { s.io(&r0, BlobIo::read(&b, 21, pmd::DmaBuf::new(PAGE).unwrap(), 5)).await });
+    assert_eq!(awaited.unwrap().tag, 5);
+    let mut out = Vec::new();
+    while out.is_empty() {
+        h.step();
+        ch.poll(h.now, &mut out);
+    }
+    assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [77]);
+    // The top bit of a tag is the channel's own: a user's request with it fails.
+    let c = h.io(&ch, BlobIo::read(blob.shared(), 0, pmd::DmaBuf::new(PAGE).unwrap(), 1 << 63));
+    assert_eq!(c.status, Err(IoError::Invalid));
+}

@@ -41,7 +41,7 @@ impl TargetSpec {
 #[allow(clippy::large_enum_variant)]
 enum Target {
     Bdev(BdevChannel),
-    Blob { ch: BlobChannel, blob: Arc<BlobShared>, done: Vec<blobfs::BlobCompletion> },
+    Blob { ch: BlobChannel, blob: Arc<BlobShared> },
 }
 
 impl Target {
@@ -65,11 +65,7 @@ impl Target {
     fn poll(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
         match self {
             Target::Bdev(ch) => ch.poll(now, out),
-            Target::Blob { ch, done, .. } => {
-                let n = ch.poll(now, done);
-                out.extend(done.drain(..).map(|c| Completion { tag: c.tag, op: c.op, status: c.status, bufs: c.bufs }));
-                n
-            }
+            Target::Blob { ch, .. } => ch.poll(now, out),
         }
     }
 
@@ -177,9 +173,7 @@ impl Job {
                 ch.set_timeout(spec.timeout);
                 Target::Bdev(ch)
             }
-            TargetSpec::Blob { store, blob, .. } => {
-                Target::Blob { ch: store.channel(ctx)?, blob: blob.clone(), done: Vec::new() }
-            }
+            TargetSpec::Blob { store, blob, .. } => Target::Blob { ch: store.channel(ctx)?, blob: blob.clone() },
         };
         let block_size = spec.target.block_size();
         let io_bytes = (spec.io_blocks * block_size) as usize;

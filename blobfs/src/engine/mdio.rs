@@ -22,7 +22,7 @@ pub(crate) struct MdIo {
 impl MdIo {
     async fn run(&self, io: Io) -> Completion {
         let w = self.ch.borrow_mut().md_submit(pmd::task::now(), io);
-        std::future::poll_fn(|cx| match self.ch.borrow_mut().md_poll(w, cx.waker()) {
+        std::future::poll_fn(|cx| match self.ch.borrow_mut().waited_poll(w, cx.waker()) {
             Some(c) => std::task::Poll::Ready(c),
             None => std::task::Poll::Pending,
         })

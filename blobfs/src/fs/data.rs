@@ -1,0 +1,340 @@
+//! File data: chunks in a thin *pool blob*, allocated by page.
+//!
+//! A chunk is written copy-on-write: new pages first, then the metadata
+//! command that maps them ([`super::Cmd::Write`]); the pages it replaces come
+//! back in the reply and are freed. A crash between the two leaves the old
+//! data mapped and the new pages unreferenced, and since the allocation map
+//! is rebuilt from the chunk maps at start-up, unreferenced pages are free
+//! again: nothing leaks and nothing is half-written.
+//!
+//! The pool is thin and as large as the store; its clusters are allocated
+//! as data first lands in them. A few clusters of the store stay out of its
+//! reach ([`METADATA_RESERVE`]): the metadata log and snapshots grow into
+//! them, so a file system full of data still takes the unlinks that free it.
+//!
+//! Freed pages are not reused while a read that may still be reading them
+//! is in flight: each read holds a ticket of the allocator's sequence, and a
+//! free waits until every ticket older than it is returned.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pmd::{DmaBuf, ReactorHandle};
+
+use super::{ChunkRef, Errno};
+use crate::format::PAGE_SIZE;
+use crate::{BlobIo, BlobShared, Blobstore};
+
+/// Clusters of the store kept for metadata: the pool does not start using a
+/// new cluster when fewer than this many would remain free.
+pub const METADATA_RESERVE: u64 = 16;
+
+/// The pool blob's pages and which of them are in use.
+pub struct DataPool {
+    store: Blobstore,
+    blob: Arc<BlobShared>,
+    reactors: Vec<ReactorHandle>,
+    next_reactor: AtomicUsize,
+    alloc: Mutex<PageAlloc>,
+}
+
+struct PageAlloc {
+    /// One bit per page of the pool blob: set = in use.
+    bits: Vec<u64>,
+    pages: u64,
+    free: u64,
+    /// Where the next search starts.
+    hint: u64,
+    /// Pool clusters backed by store clusters (data has landed in them).
+    backed: Vec<bool>,
+    pages_per_cluster: u64,
+    /// Sequence of tickets and frees.
+    seq: u64,
+    /// Tickets of reads in flight: sequence → count.
+    reads: BTreeMap<u64, u32>,
+    /// Frees waiting for older reads: (sequence, chunk).
+    deferred: Vec<(u64, ChunkRef)>,
+}
+
+/// A read in flight; freed pages stay untouched until it is dropped.
+pub struct ReadTicket<'a> {
+    pool: &'a DataPool,
+    seq: u64,
+}
+
+impl Drop for ReadTicket<'_> {
+    fn drop(&mut self) {
+        let mut a = self.pool.lock();
+        if let Some(n) = a.reads.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                a.reads.remove(&self.seq);
+            }
+        }
+        a.release_deferred();
+    }
+}
+
+impl PageAlloc {
+    fn new(pages: u64, pages_per_cluster: u64, backed: Vec<bool>) -> PageAlloc {
+        PageAlloc {
+            bits: vec![0; pages.div_ceil(64) as usize],
+            pages,
+            free: pages,
+            hint: 0,
+            backed,
+            pages_per_cluster,
+            seq: 0,
+            reads: BTreeMap::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    fn is_used(&self, page: u64) -> bool {
+        self.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    fn set(&mut self, c: ChunkRef, used: bool) {
+        for p in c.page..c.page + u64::from(c.pages) {
+            let (w, b) = ((p / 64) as usize, 1u64 << (p % 64));
+            debug_assert_eq!(
+                self.bits[w] & b != 0,
+                !used,
+                "page {p} is already {}",
+                if used { "used" } else { "free" }
+            );
+            if used {
+                self.bits[w] |= b;
+            } else {
+                self.bits[w] &= !b;
+            }
+        }
+        if used {
+            self.free -= u64::from(c.pages);
+        } else {
+            self.free += u64::from(c.pages);
+        }
+    }
+
+    /// Pool clusters of pages `[page, page + n)` not backed yet.
+    fn unbacked(&self, page: u64, n: u64) -> Vec<usize> {
+        let ppc = self.pages_per_cluster;
+        (page / ppc..(page + n).div_ceil(ppc)).map(|c| c as usize).filter(|&c| !self.backed[c]).collect()
+    }
+
+    /// A free run of `n` pages, in clusters already backed if there is one
+    /// (so the pool grows only when it must), else anywhere.
+    fn find(&self, n: u64) -> Option<u64> {
+        self.find_in(n, true).or_else(|| self.find_in(n, false))
+    }
+
+    /// A free run of `n` pages, next-fit from the hint; with `backed_only`,
+    /// only in backed clusters.
+    fn find_in(&self, n: u64, backed_only: bool) -> Option<u64> {
+        if n > self.free {
+            return None;
+        }
+        let mut run = 0;
+        let mut checked = 0;
+        let mut p = self.hint;
+        while checked < self.pages + n {
+            if p == self.pages {
+                p = 0;
+                run = 0;
+            }
+            // Whole free or used words at a time.
+            if run == 0 && p % 64 == 0 && p + 64 <= self.pages && self.bits[(p / 64) as usize] == u64::MAX {
+                p += 64;
+                checked += 64;
+                continue;
+            }
+            if self.is_used(p) || (backed_only && !self.backed[(p / self.pages_per_cluster) as usize]) {
+                run = 0;
+            } else {
+                run += 1;
+                if run == n {
+                    return Some(p + 1 - n);
+                }
+            }
+            p += 1;
+            checked += 1;
+        }
+        None
+    }
+
+    fn release_deferred(&mut self) {
+        let oldest = self.reads.keys().next().copied().unwrap_or(u64::MAX);
+        let (ready, wait): (Vec<_>, Vec<_>) = self.deferred.drain(..).partition(|&(seq, _)| seq <= oldest);
+        self.deferred = wait;
+        for (_, c) in ready {
+            self.set(c, false);
+        }
+    }
+}
+
+impl DataPool {
+    /// A pool over `blob`, with the pages of `used` chunks in use. Requests
+    /// run on `reactors` in turn.
+    pub fn new(
+        store: Blobstore,
+        blob: Arc<BlobShared>,
+        reactors: Vec<ReactorHandle>,
+        used: impl IntoIterator<Item = ChunkRef>,
+    ) -> Result<DataPool, Errno> {
+        assert!(!reactors.is_empty(), "a data pool needs a reactor");
+        let pages = blob.num_clusters() * store.pages_per_cluster();
+        let ppc = store.pages_per_cluster();
+        let backed = (0..blob.num_clusters()).map(|c| blob.own(c) != 0).collect();
+        let mut alloc = PageAlloc::new(pages, ppc, backed);
+        for c in used {
+            if c.blob != blob.id() || c.page + u64::from(c.pages) > pages {
+                tracing::error!("a chunk map points outside the data pool: {c:?}");
+                return Err(Errno::EIO);
+            }
+            alloc.set(c, true);
+        }
+        Ok(DataPool { store, blob, reactors, next_reactor: AtomicUsize::new(0), alloc: Mutex::new(alloc) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PageAlloc> {
+        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reactor(&self) -> &ReactorHandle {
+        &self.reactors[self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len()]
+    }
+
+    /// Pages in the pool, and pages free.
+    pub fn space(&self) -> (u64, u64) {
+        let a = self.lock();
+        (a.pages, a.free)
+    }
+
+    /// Allocates `pages` contiguous pages.
+    pub fn alloc(&self, pages: u32) -> Result<ChunkRef, Errno> {
+        let mut a = self.lock();
+        let page = a.find(u64::from(pages)).ok_or(Errno::ENOSPC)?;
+        let new = a.unbacked(page, u64::from(pages));
+        if !new.is_empty() {
+            if self.store.free_clusters() < new.len() as u64 + METADATA_RESERVE {
+                return Err(Errno::ENOSPC);
+            }
+            for c in new {
+                a.backed[c] = true;
+            }
+        }
+        let c = ChunkRef { blob: self.blob.id(), page, pages };
+        a.set(c, true);
+        a.hint = page + u64::from(pages);
+        Ok(c)
+    }
+
+    /// Frees chunks once no read that began before now can still read them.
+    pub fn free(&self, chunks: impl IntoIterator<Item = ChunkRef>) {
+        let mut a = self.lock();
+        a.seq += 1;
+        let seq = a.seq;
+        a.deferred.extend(chunks.into_iter().map(|c| (seq, c)));
+        a.release_deferred();
+    }
+
+    /// A ticket for a read about to start.
+    pub fn ticket(&self) -> ReadTicket<'_> {
+        let mut a = self.lock();
+        let seq = a.seq;
+        *a.reads.entry(seq).or_default() += 1;
+        ReadTicket { pool: self, seq }
+    }
+
+    /// Reads a chunk's pages into `out` (at most its length).
+    pub async fn read(&self, c: ChunkRef, out: &mut [u8]) -> Result<(), Errno> {
+        let buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
+        let done = self.store.io(self.reactor(), BlobIo::read(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
+        done.status.map_err(|e| {
+            tracing::error!("reading file data at pool page {} failed: {e}", c.page);
+            Errno(e.errno())
+        })?;
+        let n = out.len().min(c.pages as usize * PAGE_SIZE);
+        done.bufs.copy_out(0, &mut out[..n]);
+        Ok(())
+    }
+
+    /// Writes `data` (padded with zeros to whole pages) to a chunk's pages.
+    pub async fn write(&self, c: ChunkRef, data: &[u8]) -> Result<(), Errno> {
+        debug_assert!(data.len() <= c.pages as usize * PAGE_SIZE);
+        let mut buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
+        buf[..data.len()].copy_from_slice(data);
+        buf[data.len()..].fill(0);
+        let done = self.store.io(self.reactor(), BlobIo::write(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
+        done.status.map_err(|e| {
+            tracing::error!("writing file data at pool page {} failed: {e}", c.page);
+            Errno(e.errno())
+        })
+    }
+
+    /// Makes every completed data write durable.
+    pub async fn flush(&self) -> Result<(), Errno> {
+        let done = self.store.io(self.reactor(), BlobIo::flush(&self.blob, 0)).await.map_err(io_err)?;
+        done.status.map_err(|e| Errno(e.errno()))
+    }
+}
+
+fn io_err(e: crate::BlobError) -> Errno {
+    tracing::error!("file data I/O: {e}");
+    Errno(e.errno())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(pages: u64) -> PageAlloc {
+        PageAlloc::new(pages, 16, vec![true; pages.div_ceil(16) as usize])
+    }
+
+    fn chunk(page: u64, pages: u32) -> ChunkRef {
+        ChunkRef { blob: 1, page, pages }
+    }
+
+    #[test]
+    fn runs_are_found_around_used_pages_and_wrap() {
+        let mut a = alloc(200);
+        a.set(chunk(0, 130), true);
+        a.set(chunk(140, 50), true);
+        assert_eq!(a.find(10), Some(130));
+        assert_eq!(a.find(11), None, "runs of 10 only");
+        a.hint = 195;
+        assert_eq!(a.find(5), Some(195));
+        a.hint = 198;
+        assert_eq!(a.find(5), Some(130), "wraps past the end without joining the ends");
+        a.set(chunk(130, 10), true);
+        a.set(chunk(190, 10), true);
+        assert_eq!((a.find(1), a.free), (None, 0));
+    }
+
+    #[test]
+    fn backed_clusters_are_filled_before_new_ones_are_used() {
+        let mut a = alloc(64);
+        a.backed = vec![false, false, true, false];
+        assert_eq!(a.find(4), Some(32));
+        a.set(chunk(32, 16), true);
+        assert_eq!(a.find(4), Some(0), "then anywhere");
+        assert_eq!(a.unbacked(14, 4), [0, 1]);
+    }
+
+    #[test]
+    fn frees_wait_for_reads_that_began_before_them() {
+        let mut a = alloc(64);
+        a.set(chunk(0, 64), true);
+        // A read in flight (ticket of sequence 0), then a free at sequence 1.
+        *a.reads.entry(0).or_default() += 1;
+        a.seq = 1;
+        a.deferred.push((1, chunk(0, 8)));
+        a.release_deferred();
+        assert_eq!(a.free, 0, "the read might still be reading those pages");
+        a.reads.clear();
+        a.release_deferred();
+        assert_eq!(a.free, 8);
+    }
+}

@@ -1,0 +1,30 @@
+//! The file system's metadata: a deterministic state machine of inodes,
+//! directory entries, links, extended attributes, orphans and chunk maps,
+//! changed only by [`Cmd`]s so that it can be replicated by Raft (a single
+//! server is a one-member group, the same path a cluster takes).
+//!
+//! - [`types`]: inode numbers, kinds, attributes, POSIX error numbers.
+//! - [`cmd`]: the commands (what a Raft log entry holds) and their replies.
+//! - [`state`]: [`MetaState`], which answers queries and applies commands.
+//!
+//! File data is not here: a file's chunk map says where each chunk of its
+//! data lives (a range of pages in a data blob). The data path writes the
+//! chunk first, then proposes [`Cmd::Write`] to map it; chunks an operation
+//! lets go of come back in its reply to be freed. That is the seam where the
+//! data-reduction pipeline (chunking, dedupe, compression, encryption)
+//! plugs in.
+
+pub mod cmd;
+pub mod data;
+mod files;
+pub mod raft;
+pub mod state;
+pub mod types;
+
+pub use cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+pub use files::FileSystem;
+pub use state::{MetaState, Usage};
+pub use types::{Attr, ChunkRef, Creator, DirEntry, Errno, FileKind, Ino, ROOT, Time};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,357 @@
+//! The Raft log of the metadata group, in a blob.
+//!
+//! Entries are kept in memory from the last purge on (a snapshot bounds
+//! them) and written behind to an append-only *log blob* as records:
+//!
+//! ```text
+//! offset size
+//!      0    4  magic "CFLR"
+//!      4    4  payload length in bytes
+//!      8    4  CRC32C of the previous record (0 for the first one)
+//!     12    4  CRC32C of bytes 0..12 and the payload
+//!     16    n  payload: postcard of a `Record`
+//!            padding to the next 4 KiB page
+//! ```
+//!
+//! Records start on page boundaries and pages are never rewritten while the
+//! log is in use, so a torn write damages only the last record. Replay reads
+//! records from page 0 until one is missing, damaged, or does not name its
+//! predecessor's CRC: the chain stops a replay from running on into records
+//! a previous run left beyond the point where this run started writing.
+//!
+//! A writer task writes whatever records have queued up as one request and
+//! flushes (group commit). Whether an append is reported to Raft as durable
+//! at once or only after its flush is the [`Durability`] policy.
+
+// openraft's StorageError (large) is what every storage method returns.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{Entry, LogId, StorageError, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::TypeConfig;
+use crate::format::PAGE_SIZE;
+use crate::{BlobIo, BlobShared, Blobstore};
+
+const MAGIC: &[u8; 4] = b"CFLR";
+const HEADER: usize = 16;
+/// The most pages replay reads per request.
+const READ_PAGES: u64 = 256;
+
+/// When an append counts as durable for Raft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once its record is written and flushed (what a group of several
+    /// members needs).
+    Flushed,
+    /// At once; the record is written behind and flushed within the group
+    /// commit's next round, and [`LogStore::sync`] waits for it. A one-member
+    /// group can do this: a crash then loses a suffix of the log, never a
+    /// part of one, and what `fsync` waited for is never lost.
+    WriteBehind,
+}
+
+/// What a record holds.
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Entries(Vec<Entry<TypeConfig>>),
+    /// Entries from this index on are gone.
+    Truncate(u64),
+    /// Entries up to and including this one are gone.
+    Purge(LogId<u64>),
+    Vote(Vote<u64>),
+}
+
+type Result<T> = std::result::Result<T, StorageError<u64>>;
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write_logs(&e).into()
+}
+
+/// The log: cheap to clone (the reader Raft asks for is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Mutex<Inner>>,
+    queue: mpsc::UnboundedSender<Job>,
+    /// Records durable so far (a count, in queue order).
+    durable: watch::Receiver<u64>,
+    durability: Durability,
+}
+
+struct Inner {
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    purged: Option<LogId<u64>>,
+    vote: Option<Vote<u64>>,
+    /// Records queued so far.
+    queued: u64,
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    flushed: Option<LogFlushed<TypeConfig>>,
+}
+
+/// The log blob's writer: where the next record goes and the CRC it chains to.
+struct Writer {
+    store: Blobstore,
+    blob: Arc<BlobShared>,
+    next_page: u64,
+    prev_crc: u32,
+}
+
+impl LogStore {
+    /// Opens the log in `blob` (a thin blob; empty for a new log), replays
+    /// it, and starts its writer task on the current tokio runtime.
+    pub async fn open(
+        store: Blobstore,
+        blob: Arc<BlobShared>,
+        durability: Durability,
+    ) -> std::result::Result<LogStore, crate::BlobError> {
+        let mut inner = Inner { entries: BTreeMap::new(), purged: None, vote: None, queued: 0 };
+        let (next_page, prev_crc) = replay(&store, &blob, &mut inner).await?;
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let (durable_tx, durable) = watch::channel(0);
+        let writer = Writer { store, blob, next_page, prev_crc };
+        tokio::spawn(writer.run(jobs, durable_tx));
+        Ok(LogStore { inner: Arc::new(Mutex::new(inner)), queue, durable, durability })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a record; returns its number (for [`LogStore::wait_durable`]).
+    fn queue(&self, inner: &mut Inner, record: &Record, flushed: Option<LogFlushed<TypeConfig>>) -> Result<u64> {
+        let payload = postcard::to_stdvec(record).map_err(write_err)?;
+        let mut bytes = Vec::with_capacity((HEADER + payload.len()).next_multiple_of(PAGE_SIZE));
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&[0; 8]); // chain and CRC, filled in by the writer
+        bytes.extend_from_slice(&payload);
+        bytes.resize(bytes.len().next_multiple_of(PAGE_SIZE), 0);
+        inner.queued += 1;
+        let n = inner.queued;
+        self.queue.send(Job { bytes, flushed }).map_err(|_| write_err(std::io::Error::other("log writer stopped")))?;
+        Ok(n)
+    }
+
+    async fn wait_durable(&self, n: u64) -> Result<()> {
+        let mut durable = self.durable.clone();
+        durable.wait_for(|&d| d >= n).await.map_err(|_| write_err(std::io::Error::other("log writer failed")))?;
+        Ok(())
+    }
+
+    /// Waits until every record queued so far is durable (what `fsync` needs).
+    pub async fn sync(&self) -> Result<()> {
+        let n = self.lock().queued;
+        self.wait_durable(n).await
+    }
+
+    /// Index of the last entry (or of the last purged one), if any.
+    pub fn last_index(&self) -> Option<u64> {
+        let inner = self.lock();
+        inner.entries.keys().next_back().copied().or(inner.purged.map(|p| p.index))
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, durable: watch::Sender<u64>) {
+        let mut done = 0u64;
+        let mut batch = Vec::new();
+        while jobs.recv_many(&mut batch, 1024).await > 0 {
+            let mut bytes = Vec::new();
+            for job in &mut batch {
+                let crc = self.seal(&mut job.bytes);
+                self.prev_crc = crc;
+                bytes.append(&mut job.bytes);
+            }
+            let pages = (bytes.len() / PAGE_SIZE) as u64;
+            if let Err(e) = self.write(self.next_page, &bytes).await {
+                tracing::error!("metadata log: writing {pages} pages at page {} failed: {e}", self.next_page);
+                for job in batch.drain(..) {
+                    if let Some(f) = job.flushed {
+                        f.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                    }
+                }
+                // Nothing after a failed record may count as durable.
+                return;
+            }
+            self.next_page += pages;
+            done += batch.len() as u64;
+            for job in batch.drain(..) {
+                if let Some(f) = job.flushed {
+                    f.log_io_completed(Ok(()));
+                }
+            }
+            let _ = durable.send(done);
+        }
+    }
+
+    /// Fills in a record's chain and CRC; returns the CRC.
+    fn seal(&self, rec: &mut [u8]) -> u32 {
+        rec[8..12].copy_from_slice(&self.prev_crc.to_le_bytes());
+        let len = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes")) as usize;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..12]), &rec[HEADER..HEADER + len]);
+        rec[12..16].copy_from_slice(&crc.to_le_bytes());
+        crc
+    }
+
+    async fn write(&self, page: u64, bytes: &[u8]) -> std::result::Result<(), crate::BlobError> {
+        let needed = (page + (bytes.len() / PAGE_SIZE) as u64).div_ceil(self.store.pages_per_cluster());
+        if needed > self.blob.num_clusters() {
+            // Grow by half again, at least what is needed.
+            let grown = needed.max(self.blob.num_clusters() * 3 / 2).max(16);
+            self.store.resize_blob(self.blob.id(), grown).await?;
+            self.store.sync_blob(self.blob.id()).await?;
+        }
+        let home = self.store.home().clone();
+        let buf = pmd::DmaBuf::copy_from(bytes)?;
+        let c = self.store.io(&home, BlobIo::write(&self.blob, page, buf, 0)).await?;
+        c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))?;
+        let c = self.store.io(&home, BlobIo::flush(&self.blob, 0)).await?;
+        c.status.map_err(|e| crate::BlobError::io("flushing the metadata log".to_string(), e))
+    }
+}
+
+/// Reads the log blob's records into `inner`; returns where the next record
+/// goes and the CRC it chains to.
+async fn replay(
+    store: &Blobstore,
+    blob: &Arc<BlobShared>,
+    inner: &mut Inner,
+) -> std::result::Result<(u64, u32), crate::BlobError> {
+    let home = store.home().clone();
+    let end = blob.num_clusters() * store.pages_per_cluster();
+    let (mut page, mut prev_crc) = (0u64, 0u32);
+    let mut window: Vec<u8> = Vec::new();
+    let mut window_start = 0u64;
+    // Reads pages [from, from + n) through a window of larger reads.
+    let read = async |from: u64, n: u64, window: &mut Vec<u8>, window_start: &mut u64| {
+        let have = *window_start + (window.len() / PAGE_SIZE) as u64;
+        if from < *window_start || from + n > have {
+            let count = n.max(READ_PAGES).min(end - from);
+            let c =
+                store.io(&home, BlobIo::read(blob, from, pmd::DmaBuf::new((count as usize) * PAGE_SIZE)?, 0)).await?;
+            c.status.map_err(|e| crate::BlobError::io(format!("reading the metadata log at page {from}"), e))?;
+            window.resize(count as usize * PAGE_SIZE, 0);
+            c.bufs.copy_out(0, window);
+            *window_start = from;
+        }
+        let start = ((from - *window_start) as usize) * PAGE_SIZE;
+        Ok::<_, crate::BlobError>(window[start..start + n as usize * PAGE_SIZE].to_vec())
+    };
+    while page < end {
+        let head = read(page, 1, &mut window, &mut window_start).await?;
+        if &head[..4] != MAGIC {
+            break;
+        }
+        let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        let pages = (HEADER + len).div_ceil(PAGE_SIZE) as u64;
+        if page + pages > end || u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) != prev_crc {
+            break;
+        }
+        let rec = read(page, pages, &mut window, &mut window_start).await?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..12]), &rec[HEADER..HEADER + len]);
+        if crc != u32::from_le_bytes(rec[12..16].try_into().expect("4 bytes")) {
+            break;
+        }
+        let record: Record =
+            postcard::from_bytes(&rec[HEADER..HEADER + len]).map_err(|e| crate::BlobError::Corrupt {
+                location: format!("metadata log blob {}, page {page}", blob.id()),
+                reason: format!("a record with a good CRC does not decode: {e}"),
+            })?;
+        match record {
+            Record::Entries(entries) => inner.entries.extend(entries.into_iter().map(|e| (e.log_id.index, e))),
+            Record::Truncate(from) => drop(inner.entries.split_off(&from)),
+            Record::Purge(upto) => {
+                inner.entries = inner.entries.split_off(&(upto.index + 1));
+                inner.purged = Some(upto);
+            }
+            Record::Vote(v) => inner.vote = Some(v),
+        }
+        prev_crc = crc;
+        page += pages;
+    }
+    Ok((page, prev_crc))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>> {
+        Ok(self.lock().entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
+        let inner = self.lock();
+        let last = inner.entries.values().next_back().map(|e| e.log_id).or(inner.purged);
+        Ok(LogState { last_purged_log_id: inner.purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<()> {
+        let n = {
+            let mut inner = self.lock();
+            inner.vote = Some(*vote);
+            self.queue(&mut inner, &Record::Vote(*vote), None)?
+        };
+        // A vote is always durable before it counts.
+        self.wait_durable(n).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>> {
+        Ok(self.lock().vote)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let mut inner = self.lock();
+        inner.entries.extend(entries.iter().map(|e| (e.log_id.index, e.clone())));
+        match self.durability {
+            Durability::Flushed => {
+                self.queue(&mut inner, &Record::Entries(entries), Some(callback))?;
+            }
+            Durability::WriteBehind => {
+                self.queue(&mut inner, &Record::Entries(entries), None)?;
+                callback.log_io_completed(Ok(()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<()> {
+        let n = {
+            let mut inner = self.lock();
+            drop(inner.entries.split_off(&log_id.index));
+            self.queue(&mut inner, &Record::Truncate(log_id.index), None)?
+        };
+        self.wait_durable(n).await
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<()> {
+        let mut inner = self.lock();
+        inner.entries = inner.entries.split_off(&(log_id.index + 1));
+        inner.purged = Some(log_id);
+        self.queue(&mut inner, &Record::Purge(log_id), None)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,786 @@
+//! The metadata state machine: inodes, directories, links, xattrs, orphans
+//! and each file's chunk map, changed only by [`Cmd`]s.
+//!
+//! `apply` is deterministic: the same commands applied in the same order to
+//! the same state give the same state and the same replies, which is what
+//! replicating it by Raft needs. Permission checks are not made here: the
+//! FUSE mount lets the kernel make them (`default_permissions`), and the
+//! gateways that cannot do the same check before proposing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+use super::types::*;
+
+/// Readdir cookies 1 and 2 are `.` and `..`; entries start at 3.
+const FIRST_COOKIE: u64 = 3;
+
+/// What an inode holds besides its attributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Body {
+    File {
+        /// Chunk index → where its data is. Missing chunks are holes.
+        chunks: BTreeMap<u64, ChunkRef>,
+    },
+    Dir {
+        parent: Ino,
+        /// Name → (cookie, inode).
+        entries: BTreeMap<Vec<u8>, (u64, Ino)>,
+        /// Cookie → name: readdir's order, stable while entries come and go.
+        by_cookie: BTreeMap<u64, Vec<u8>>,
+        next_cookie: u64,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    /// Fifos, sockets and device nodes.
+    Special,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Inode {
+    attr: Attr,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    body: Body,
+}
+
+/// Counts for statfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Inodes in use (orphans included).
+    pub inodes: u64,
+    /// Pages of file data mapped by chunks.
+    pub data_pages: u64,
+}
+
+/// The file system's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    inodes: BTreeMap<Ino, Inode>,
+    /// Inodes without links, kept while open (and until reclaimed).
+    orphans: BTreeSet<Ino>,
+    next_ino: Ino,
+    /// Generation for the next inode created.
+    next_generation: u64,
+    chunk_size: u64,
+    usage: Usage,
+}
+
+impl MetaState {
+    /// A new file system: an empty root directory owned by `root_uid:root_gid`
+    /// with permissions `0o755`. File data is mapped in chunks of
+    /// `chunk_size` bytes (a multiple of 4 KiB).
+    pub fn new(chunk_size: u64, root_uid: u32, root_gid: u32, now: Time) -> MetaState {
+        assert!(chunk_size >= 4096 && chunk_size % 4096 == 0, "chunk size {chunk_size} is not a multiple of 4 KiB");
+        let mut s = MetaState {
+            inodes: BTreeMap::new(),
+            orphans: BTreeSet::new(),
+            next_ino: ROOT,
+            next_generation: 1,
+            chunk_size,
+            usage: Usage::default(),
+        };
+        let by = Creator { uid: root_uid, gid: root_gid, now };
+        let root = s.new_inode(FileKind::Dir, 0o755, 0, by, Body::dir(ROOT));
+        debug_assert_eq!(root, ROOT);
+        s.inode_mut(ROOT).attr.nlink = 2;
+        s
+    }
+
+    /// The chunk size of file data, in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Inode and data counts.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// Inodes without links, kept until reclaimed.
+    pub fn orphans(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.orphans.iter().copied()
+    }
+
+    // --- queries --------------------------------------------------------
+
+    /// An inode's attributes.
+    pub fn getattr(&self, ino: Ino) -> Result<&Attr, Errno> {
+        self.inodes.get(&ino).map(|i| &i.attr).ok_or(Errno::ENOENT)
+    }
+
+    /// The inode `name` names in directory `parent` (`.` and `..` included).
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<&Attr, Errno> {
+        let ino = self.lookup_ino(parent, name)?;
+        self.getattr(ino)
+    }
+
+    /// Entries of a directory after cookie `offset` (0: from the start,
+    /// with `.` and `..`), at most `max`. Cookies stay valid while other
+    /// entries are added and removed: a listing resumed from one neither
+    /// repeats nor skips an entry that stayed.
+    pub fn readdir(&self, dir: Ino, offset: u64, max: usize) -> Result<Vec<DirEntry>, Errno> {
+        let inode = self.inodes.get(&dir).ok_or(Errno::ENOENT)?;
+        let Body::Dir { parent, entries, by_cookie, .. } = &inode.body else { return Err(Errno::ENOTDIR) };
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push(DirEntry { cookie: 1, name: b".".to_vec(), ino: dir, kind: FileKind::Dir });
+        }
+        if offset < 2 {
+            out.push(DirEntry { cookie: 2, name: b"..".to_vec(), ino: *parent, kind: FileKind::Dir });
+        }
+        for (&cookie, name) in by_cookie.range(offset.max(FIRST_COOKIE - 1) + 1..) {
+            if out.len() >= max {
+                break;
+            }
+            let ino = entries[name].1;
+            out.push(DirEntry { cookie, name: name.clone(), ino, kind: self.inodes[&ino].attr.kind });
+        }
+        out.truncate(max);
+        Ok(out)
+    }
+
+    /// A symbolic link's target.
+    pub fn readlink(&self, ino: Ino) -> Result<&[u8], Errno> {
+        match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
+            Body::Symlink { target } => Ok(target),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// An extended attribute's value.
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<&[u8], Errno> {
+        let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+        check_xattr_name(name)?;
+        inode.xattrs.get(name).map(Vec::as_slice).ok_or(Errno::ENODATA)
+    }
+
+    /// The names of an inode's extended attributes.
+    pub fn listxattr(&self, ino: Ino) -> Result<impl Iterator<Item = &[u8]>, Errno> {
+        Ok(self.inodes.get(&ino).ok_or(Errno::ENOENT)?.xattrs.keys().map(Vec::as_slice))
+    }
+
+    /// Every chunk of every file (to rebuild the data allocator).
+    pub fn all_chunks(&self) -> impl Iterator<Item = ChunkRef> + '_ {
+        self.inodes
+            .values()
+            .flat_map(|i| match &i.body {
+                Body::File { chunks } => Some(chunks.values().copied()),
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// A file's chunks from index `first` on, in order (holes are missing).
+    pub fn chunks(&self, ino: Ino, first: u64) -> Result<impl Iterator<Item = (u64, ChunkRef)> + '_, Errno> {
+        match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
+            Body::File { chunks } => Ok(chunks.range(first..).map(|(&i, &c)| (i, c))),
+            Body::Dir { .. } => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Checks the structure: every entry names a live inode, every inode's
+    /// link count matches the entries naming it (a directory: 2 plus its
+    /// subdirectories), each directory's `..` is the one holding it, inodes
+    /// without links are exactly the orphans, nothing is unreachable, and
+    /// the usage counts add up. Returns the first discrepancy, described.
+    pub fn check(&self) -> Result<(), String> {
+        let mut links: BTreeMap<Ino, u32> = BTreeMap::new();
+        let mut pages = 0;
+        for (&ino, inode) in &self.inodes {
+            if inode.attr.ino != ino {
+                return Err(format!("inode {ino} says it is {}", inode.attr.ino));
+            }
+            match &inode.body {
+                Body::Dir { entries, by_cookie, .. } => {
+                    if entries.len() != by_cookie.len() {
+                        return Err(format!("directory {ino}: {} entries, {} cookies", entries.len(), by_cookie.len()));
+                    }
+                    for (name, &(cookie, child)) in entries {
+                        if by_cookie.get(&cookie) != Some(name) {
+                            return Err(format!("directory {ino}: cookie {cookie} does not name its entry"));
+                        }
+                        let Some(c) = self.inodes.get(&child) else {
+                            return Err(format!("directory {ino}: entry {:?} names no inode ({child})", lossy(name)));
+                        };
+                        if let Body::Dir { parent, .. } = c.body {
+                            if parent != ino {
+                                return Err(format!("directory {child}: .. is {parent}, but {ino} holds it"));
+                            }
+                            *links.entry(ino).or_default() += 1;
+                        }
+                        *links.entry(child).or_default() += 1;
+                    }
+                }
+                Body::File { chunks } => pages += chunks.values().map(|c| u64::from(c.pages)).sum::<u64>(),
+                _ => {}
+            }
+        }
+        for (&ino, inode) in &self.inodes {
+            let named = links.get(&ino).copied().unwrap_or(0);
+            let want = match inode.attr.kind {
+                FileKind::Dir if ino == ROOT => named + 2,
+                FileKind::Dir if named == 0 => 0,
+                FileKind::Dir => named + 1,
+                _ => named,
+            };
+            if inode.attr.nlink != want {
+                return Err(format!("inode {ino}: nlink {}, but {want} by its entries", inode.attr.nlink));
+            }
+            if (want == 0) != self.orphans.contains(&ino) {
+                return Err(format!("inode {ino}: {want} links, orphan: {}", self.orphans.contains(&ino)));
+            }
+        }
+        if self.orphans.iter().any(|o| !self.inodes.contains_key(o)) {
+            return Err("an orphan is not an inode".into());
+        }
+        // Reachability: every linked inode is reachable from the root.
+        let mut seen = BTreeSet::from([ROOT]);
+        let mut todo = vec![ROOT];
+        while let Some(d) = todo.pop() {
+            if let Body::Dir { entries, .. } = &self.inodes[&d].body {
+                for &(_, child) in entries.values() {
+                    if seen.insert(child) && self.inodes[&child].attr.kind == FileKind::Dir {
+                        todo.push(child);
+                    }
+                }
+            }
+        }
+        if let Some(lost) = self.inodes.keys().find(|i| !seen.contains(i) && !self.orphans.contains(i)) {
+            return Err(format!("inode {lost} has links but cannot be reached from the root"));
+        }
+        if self.usage != (Usage { inodes: self.inodes.len() as u64, data_pages: pages }) {
+            return Err(format!("usage {:?}, but {} inodes and {pages} data pages", self.usage, self.inodes.len()));
+        }
+        Ok(())
+    }
+
+    // --- changes ----------------------------------------------------------
+
+    /// Applies a command. A command that fails changes nothing.
+    pub fn apply(&mut self, cmd: &Cmd) -> Result<Reply, Errno> {
+        match cmd {
+            Cmd::Mknod { parent, name, kind, perm, rdev, by } => {
+                if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+                    return Err(Errno::EINVAL);
+                }
+                let body = if *kind == FileKind::File { Body::File { chunks: BTreeMap::new() } } else { Body::Special };
+                let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) { *rdev } else { 0 };
+                self.create(*parent, name, *kind, *perm, rdev, *by, body)
+            }
+            Cmd::Mkdir { parent, name, perm, by } => {
+                self.create(*parent, name, FileKind::Dir, *perm, 0, *by, Body::dir(*parent))
+            }
+            Cmd::Symlink { parent, name, target, by } => {
+                if target.is_empty() {
+                    return Err(Errno::ENOENT);
+                }
+                if target.len() > SYMLINK_MAX {
+                    return Err(Errno::ENAMETOOLONG);
+                }
+                let body = Body::Symlink { target: target.clone() };
+                self.create(*parent, name, FileKind::Symlink, 0o777, 0, *by, body)
+            }
+            Cmd::Link { ino, parent, name, now } => self.link(*ino, *parent, name, *now),
+            Cmd::Unlink { parent, name, now } => self.remove(*parent, name, false, *now),
+            Cmd::Rmdir { parent, name, now } => self.remove(*parent, name, true, *now),
+            Cmd::Rename { parent, name, new_parent, new_name, mode, now } => {
+                self.rename(*parent, name, *new_parent, new_name, *mode, *now)
+            }
+            Cmd::SetAttr { ino, set, now } => self.setattr(*ino, set, *now),
+            Cmd::SetXattr { ino, name, value, mode, now } => self.setxattr(*ino, name, value, *mode, *now),
+            Cmd::RemoveXattr { ino, name, now } => {
+                let inode = self.inodes.get_mut(ino).ok_or(Errno::ENOENT)?;
+                check_xattr_name(name)?;
+                inode.xattrs.remove(name.as_slice()).ok_or(Errno::ENODATA)?;
+                inode.attr.ctime = *now;
+                Ok(Reply::Done)
+            }
+            Cmd::Write { ino, chunks, end, now } => self.write(*ino, chunks, *end, *now),
+            Cmd::Reclaim { inos } => {
+                let mut freed = Vec::new();
+                for ino in inos {
+                    if self.orphans.remove(ino) {
+                        let inode = self.inodes.remove(ino).expect("orphans are inodes");
+                        self.usage.inodes -= 1;
+                        if let Body::File { chunks } = inode.body {
+                            self.usage.data_pages -= chunks.values().map(|c| u64::from(c.pages)).sum::<u64>();
+                            freed.extend(chunks.into_values());
+                        }
+                    }
+                }
+                Ok(Reply::Freed(freed))
+            }
+        }
+    }
+
+    // --- helpers ----------------------------------------------------------
+
+    fn inode_mut(&mut self, ino: Ino) -> &mut Inode {
+        self.inodes.get_mut(&ino).expect("a checked inode exists")
+    }
+
+    fn new_inode(&mut self, kind: FileKind, perm: u32, rdev: u32, by: Creator, body: Body) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let attr = Attr {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid: by.uid,
+            gid: by.gid,
+            size: 0,
+            nlink: 1,
+            atime: by.now,
+            mtime: by.now,
+            ctime: by.now,
+            btime: by.now,
+            rdev,
+            generation,
+        };
+        self.inodes.insert(ino, Inode { attr, xattrs: BTreeMap::new(), body });
+        self.usage.inodes += 1;
+        ino
+    }
+
+    /// The directory `ino`, or ENOENT / ENOTDIR.
+    fn dir(&self, ino: Ino) -> Result<&Inode, Errno> {
+        let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+        match inode.body {
+            Body::Dir { .. } => Ok(inode),
+            _ => Err(Errno::ENOTDIR),
+        }
+    }
+
+    fn lookup_ino(&self, parent: Ino, name: &[u8]) -> Result<Ino, Errno> {
+        let Body::Dir { parent: up, entries, .. } = &self.dir(parent)?.body else { unreachable!() };
+        match name {
+            b"." => Ok(parent),
+            b".." => Ok(*up),
+            _ => {
+                check_name(name)?;
+                entries.get(name).map(|&(_, ino)| ino).ok_or(Errno::ENOENT)
+            }
+        }
+    }
+
+    /// The entry `name` of `parent` that a new entry would take: the
+    /// directory must exist and the name be a valid new name.
+    fn free_name(&self, parent: Ino, name: &[u8]) -> Result<(), Errno> {
+        let Body::Dir { entries, .. } = &self.dir(parent)?.body else { unreachable!() };
+        if self.inodes[&parent].attr.nlink == 0 {
+            // A removed directory takes no new entries.
+            return Err(Errno::ENOENT);
+        }
+        if name == b"." || name == b".." {
+            return Err(Errno::EEXIST);
+        }
+        check_name(name)?;
+        if entries.contains_key(name) { Err(Errno::EEXIST) } else { Ok(()) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+        mut by: Creator,
+        body: Body,
+    ) -> Result<Reply, Errno> {
+        self.free_name(parent, name)?;
+        let mut perm = perm & 0o7777;
+        let dir = &self.inodes[&parent].attr;
+        if dir.perm & libc::S_ISGID != 0 {
+            // BSD group semantics below a set-group-id directory: the new
+            // inode takes the directory's group, a new directory its flag.
+            by.gid = dir.gid;
+            if kind == FileKind::Dir {
+                perm |= libc::S_ISGID;
+            }
+        }
+        if kind == FileKind::Dir && self.inodes[&parent].attr.nlink >= LINK_MAX {
+            return Err(Errno::EMLINK);
+        }
+        let ino = self.new_inode(kind, perm, rdev, by, body);
+        if kind == FileKind::Dir {
+            self.inode_mut(ino).attr.nlink = 2;
+            self.inode_mut(parent).attr.nlink += 1;
+        }
+        if let Body::Symlink { target } = &self.inodes[&ino].body {
+            let len = target.len() as u64;
+            self.inode_mut(ino).attr.size = len;
+        }
+        self.add_entry(parent, name, ino, by.now);
+        Ok(Reply::Entry(self.inodes[&ino].attr.clone()))
+    }
+
+    /// Adds a checked-free entry and updates the directory's times.
+    fn add_entry(&mut self, parent: Ino, name: &[u8], ino: Ino, now: Time) {
+        let dir = self.inode_mut(parent);
+        let Body::Dir { entries, by_cookie, next_cookie, .. } = &mut dir.body else { unreachable!() };
+        let cookie = *next_cookie;
+        *next_cookie += 1;
+        entries.insert(name.to_vec(), (cookie, ino));
+        by_cookie.insert(cookie, name.to_vec());
+        dir.attr.mtime = now;
+        dir.attr.ctime = now;
+    }
+
+    /// Removes an existing entry and updates the directory's times; returns
+    /// the inode it named.
+    fn remove_entry(&mut self, parent: Ino, name: &[u8], now: Time) -> Ino {
+        let dir = self.inode_mut(parent);
+        let Body::Dir { entries, by_cookie, .. } = &mut dir.body else { unreachable!() };
+        let (cookie, ino) = entries.remove(name).expect("a checked entry exists");
+        by_cookie.remove(&cookie);
+        dir.attr.mtime = now;
+        dir.attr.ctime = now;
+        ino
+    }
+
+    /// Drops one link of `ino` (a directory: its `.` too); an inode left
+    /// without links becomes an orphan.
+    fn drop_link(&mut self, ino: Ino, now: Time, orphaned: &mut Vec<Ino>) {
+        let attr = &mut self.inode_mut(ino).attr;
+        attr.ctime = now;
+        attr.nlink = if attr.kind == FileKind::Dir { 0 } else { attr.nlink - 1 };
+        if attr.nlink == 0 {
+            self.orphans.insert(ino);
+            orphaned.push(ino);
+        }
+    }
+
+    fn link(&mut self, ino: Ino, parent: Ino, name: &[u8], now: Time) -> Result<Reply, Errno> {
+        let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+        if inode.attr.kind == FileKind::Dir {
+            return Err(Errno::EPERM);
+        }
+        if inode.attr.nlink == 0 {
+            // linkat(2) of an unlinked open file without O_TMPFILE.
+            return Err(Errno::ENOENT);
+        }
+        if inode.attr.nlink >= LINK_MAX {
+            return Err(Errno::EMLINK);
+        }
+        self.free_name(parent, name)?;
+        self.add_entry(parent, name, ino, now);
+        let attr = &mut self.inode_mut(ino).attr;
+        attr.nlink += 1;
+        attr.ctime = now;
+        Ok(Reply::Entry(attr.clone()))
+    }
+
+    fn remove(&mut self, parent: Ino, name: &[u8], dir: bool, now: Time) -> Result<Reply, Errno> {
+        match name {
+            b"." => return Err(if dir { Errno::EINVAL } else { Errno::EISDIR }),
+            b".." => return Err(if dir { Errno::ENOTEMPTY } else { Errno::EISDIR }),
+            _ => {}
+        }
+        let ino = self.lookup_ino(parent, name)?;
+        let target = &self.inodes[&ino];
+        match (&target.body, dir) {
+            (Body::Dir { entries, .. }, true) if !entries.is_empty() => return Err(Errno::ENOTEMPTY),
+            (Body::Dir { .. }, true) => {}
+            (Body::Dir { .. }, false) => return Err(Errno::EISDIR),
+            (_, true) => return Err(Errno::ENOTDIR),
+            (_, false) => {}
+        }
+        self.remove_entry(parent, name, now);
+        if dir {
+            self.inode_mut(parent).attr.nlink -= 1;
+        }
+        let mut orphaned = Vec::new();
+        self.drop_link(ino, now, &mut orphaned);
+        Ok(Reply::Removed { orphaned })
+    }
+
+    /// Whether `ino` is `ancestor` or lies below it.
+    fn is_within(&self, mut ino: Ino, ancestor: Ino) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            match &self.inodes[&ino].body {
+                Body::Dir { parent, .. } if *parent != ino => ino = *parent,
+                _ => return false,
+            }
+        }
+    }
+
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        mode: RenameMode,
+        now: Time,
+    ) -> Result<Reply, Errno> {
+        for n in [name, new_name] {
+            if n == b"." || n == b".." {
+                return Err(if mode == RenameMode::Exchange { Errno::EINVAL } else { Errno::EBUSY });
+            }
+        }
+        let src = self.lookup_ino(parent, name)?;
+        self.dir(new_parent)?;
+        check_name(new_name)?;
+        let dst = match self.lookup_ino(new_parent, new_name) {
+            Ok(ino) => Some(ino),
+            Err(e) if e == Errno::ENOENT => None,
+            Err(e) => return Err(e),
+        };
+        if self.inodes[&new_parent].attr.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        let src_dir = self.inodes[&src].attr.kind == FileKind::Dir;
+        let dst_dir = dst.is_some_and(|d| self.inodes[&d].attr.kind == FileKind::Dir);
+        match mode {
+            RenameMode::NoReplace if dst.is_some() => return Err(Errno::EEXIST),
+            RenameMode::Exchange if dst.is_none() => return Err(Errno::ENOENT),
+            _ => {}
+        }
+        // A directory may not move below itself; in an exchange neither may.
+        if src_dir && self.is_within(new_parent, src) {
+            return Err(Errno::EINVAL);
+        }
+        if mode == RenameMode::Exchange {
+            let dst = dst.expect("checked");
+            if dst_dir && self.is_within(parent, dst) {
+                return Err(Errno::EINVAL);
+            }
+            if src == dst {
+                return Ok(Reply::Removed { orphaned: Vec::new() });
+            }
+            return Ok(self.exchange(parent, name, src, new_parent, new_name, dst, now));
+        }
+        if let Some(dst) = dst {
+            if dst == src {
+                // Two names of one inode: POSIX says do nothing.
+                return Ok(Reply::Removed { orphaned: Vec::new() });
+            }
+            match (src_dir, dst_dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) => {
+                    if let Body::Dir { entries, .. } = &self.inodes[&dst].body
+                        && !entries.is_empty()
+                    {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        if src_dir && parent != new_parent && dst.is_none() && self.inodes[&new_parent].attr.nlink >= LINK_MAX {
+            return Err(Errno::EMLINK);
+        }
+        // Checks done: from here on nothing fails.
+        let mut orphaned = Vec::new();
+        if let Some(dst) = dst {
+            self.remove_entry(new_parent, new_name, now);
+            if dst_dir {
+                self.inode_mut(new_parent).attr.nlink -= 1;
+            }
+            self.drop_link(dst, now, &mut orphaned);
+        }
+        self.remove_entry(parent, name, now);
+        self.add_entry(new_parent, new_name, src, now);
+        if src_dir && parent != new_parent {
+            self.inode_mut(parent).attr.nlink -= 1;
+            self.inode_mut(new_parent).attr.nlink += 1;
+            self.set_dotdot(src, new_parent);
+        }
+        self.inode_mut(src).attr.ctime = now;
+        Ok(Reply::Removed { orphaned })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        src: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+        dst: Ino,
+        now: Time,
+    ) -> Reply {
+        self.set_entry(parent, name, dst, now);
+        self.set_entry(new_parent, new_name, src, now);
+        if parent != new_parent {
+            let src_dir = self.inodes[&src].attr.kind == FileKind::Dir;
+            let dst_dir = self.inodes[&dst].attr.kind == FileKind::Dir;
+            if src_dir {
+                self.set_dotdot(src, new_parent);
+            }
+            if dst_dir {
+                self.set_dotdot(dst, parent);
+            }
+            // Subdirectory counts move with the directories.
+            let delta = i64::from(src_dir) - i64::from(dst_dir);
+            let adjust = |n: u32, d: i64| (i64::from(n) + d) as u32;
+            let a = &mut self.inode_mut(parent).attr;
+            a.nlink = adjust(a.nlink, -delta);
+            let b = &mut self.inode_mut(new_parent).attr;
+            b.nlink = adjust(b.nlink, delta);
+        }
+        self.inode_mut(src).attr.ctime = now;
+        self.inode_mut(dst).attr.ctime = now;
+        Reply::Removed { orphaned: Vec::new() }
+    }
+
+    /// Points an existing entry at another inode (keeping its cookie).
+    fn set_entry(&mut self, parent: Ino, name: &[u8], ino: Ino, now: Time) {
+        let dir = self.inode_mut(parent);
+        let Body::Dir { entries, .. } = &mut dir.body else { unreachable!() };
+        entries.get_mut(name).expect("a checked entry exists").1 = ino;
+        dir.attr.mtime = now;
+        dir.attr.ctime = now;
+    }
+
+    fn set_dotdot(&mut self, dir: Ino, new_parent: Ino) {
+        if let Body::Dir { parent, .. } = &mut self.inode_mut(dir).body {
+            *parent = new_parent;
+        }
+    }
+
+    fn setattr(&mut self, ino: Ino, set: &SetAttr, now: Time) -> Result<Reply, Errno> {
+        let chunk_size = self.chunk_size;
+        let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        let mut freed = Vec::new();
+        if set.tail.is_some() && set.size.is_none() {
+            return Err(Errno::EINVAL);
+        }
+        if let Some(size) = set.size {
+            let Body::File { chunks } = &mut inode.body else {
+                return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
+            };
+            if size > FILE_SIZE_MAX {
+                return Err(Errno::EFBIG);
+            }
+            if set.tail.is_some_and(|(index, _)| size == 0 || index != (size - 1) / chunk_size) {
+                return Err(Errno::EINVAL);
+            }
+            if size < inode.attr.size {
+                // Chunks wholly past the new end go; the one holding it stays
+                // (the data path zeroes its tail before proposing this).
+                let keep = size.div_ceil(chunk_size);
+                let gone = chunks.split_off(&keep);
+                self.usage.data_pages -= gone.values().map(|c| u64::from(c.pages)).sum::<u64>();
+                freed.extend(gone.into_values());
+            }
+            if let Some((index, chunk)) = set.tail {
+                self.usage.data_pages += u64::from(chunk.pages);
+                if let Some(old) = chunks.insert(index, chunk) {
+                    self.usage.data_pages -= u64::from(old.pages);
+                    freed.push(old);
+                }
+            }
+            if size != inode.attr.size && set.mtime.is_none() {
+                inode.attr.mtime = now;
+            }
+            inode.attr.size = size;
+        }
+        let a = &mut inode.attr;
+        if let Some(perm) = set.perm {
+            a.perm = perm & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            a.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            a.gid = gid;
+        }
+        if let Some(t) = set.atime {
+            a.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            a.mtime = t;
+        }
+        if let Some(t) = set.btime {
+            a.btime = t;
+        }
+        a.ctime = now;
+        Ok(Reply::Attr(a.clone(), freed))
+    }
+
+    fn setxattr(&mut self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode, now: Time) -> Result<Reply, Errno> {
+        let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Errno::E2BIG);
+        }
+        let exists = inode.xattrs.contains_key(name);
+        match mode {
+            XattrMode::Create if exists => return Err(Errno::EEXIST),
+            XattrMode::Replace if !exists => return Err(Errno::ENODATA),
+            _ => {}
+        }
+        inode.xattrs.insert(name.to_vec(), value.to_vec());
+        inode.attr.ctime = now;
+        Ok(Reply::Done)
+    }
+
+    fn write(&mut self, ino: Ino, chunks: &[(u64, ChunkRef)], end: u64, now: Time) -> Result<Reply, Errno> {
+        if end > FILE_SIZE_MAX {
+            return Err(Errno::EFBIG);
+        }
+        let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        let Body::File { chunks: map } = &mut inode.body else {
+            return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
+        };
+        let mut freed = Vec::new();
+        for &(index, chunk) in chunks {
+            self.usage.data_pages += u64::from(chunk.pages);
+            if let Some(old) = map.insert(index, chunk) {
+                self.usage.data_pages -= u64::from(old.pages);
+                freed.push(old);
+            }
+        }
+        let a = &mut inode.attr;
+        a.size = a.size.max(end);
+        a.mtime = now;
+        a.ctime = now;
+        Ok(Reply::Attr(a.clone(), freed))
+    }
+}
+
+impl Body {
+    fn dir(parent: Ino) -> Body {
+        Body::Dir { parent, entries: BTreeMap::new(), by_cookie: BTreeMap::new(), next_cookie: FIRST_COOKIE }
+    }
+}
+
+fn lossy(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// A directory entry's name: 1 to 255 bytes, no `/` and no NUL.
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+/// An extended attribute's name: in a namespace we keep, at most 255 bytes.
+fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > XATTR_NAME_MAX {
+        return Err(Errno::ERANGE);
+    }
+    const KEPT: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+    const ACLS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+    let kept = KEPT.iter().any(|ns| name.len() > ns.len() && name.starts_with(ns)) || ACLS.contains(&name);
+    if kept { Ok(()) } else { Err(Errno::EOPNOTSUPP) }
+}
