@@ -101,6 +101,28 @@ impl std::fmt::Debug for OfiTransport {
     }
 }
 
+/// A shm endpoint name no other process on this host has used: process id,
+/// start time and a counter.
+pub fn unique_shm_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("cfs-{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Removes the shared-memory regions a shm endpoint named `name` left in
+/// `/dev/shm` (a process killed before it closed its endpoint leaves them).
+/// Only for names whose process is known to be gone.
+pub fn remove_shm_regions(name: &str) {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return };
+    let prefix = format!("{name}:");
+    for entry in dir.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Splits "IP:PORT", "IP" or a name into fi_getinfo's node and service.
 fn node_service(bind: &str) -> (Option<&str>, Option<&str>) {
     if let Ok(sa) = bind.parse::<SocketAddr>() {
@@ -148,7 +170,12 @@ impl OfiTransport {
     /// Opens an endpoint of `provider`, bound to `cfg.address` if given.
     pub fn open(provider: &str, cfg: &TransportConfig) -> Result<Self, FabricError> {
         let opts = cfg;
-        let (node, service) = opts.address.as_deref().map_or((None, None), node_service);
+        // An unnamed shm endpoint gets a name of its own: libfabric's default
+        // is the process id, and a region a killed process left under the
+        // same (reused) id would be taken over, locks and all.
+        let generated = (provider == "shm" && opts.address.is_none()).then(unique_shm_name);
+        let address = opts.address.as_deref().or(generated.as_deref());
+        let (node, service) = address.map_or((None, None), node_service);
         let query = |rma| Query { provider: Some(provider), node, service, rma };
         let no_match = |reason: String| FabricError::NoProvider { wanted: provider.to_string(), reason };
         let list = match opts.rma {

@@ -43,6 +43,19 @@ pub fn kinds() -> Vec<Kind> {
     v
 }
 
+/// The kinds whose survivors a killed peer cannot stall: all but shm.
+/// libfabric 1.17's shm guards each endpoint's receive queue with a
+/// process-shared spinlock that senders take; a sender killed while holding
+/// it leaves the receiver spinning inside `fi_cq_read` for good (observed
+/// here about one kill in five; docs/fabric.md). Nothing outside libfabric
+/// can release that lock, so shm is for processes that end cleanly, and the
+/// killed-peer tests run on the others.
+pub fn kinds_surviving_a_killed_peer() -> Vec<Kind> {
+    let mut v = kinds();
+    v.retain(|k| *k != Kind::Ofi("shm"));
+    v
+}
+
 /// Sends the crate's logs to the test output (RUST_LOG picks the level).
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
@@ -53,16 +66,10 @@ pub fn now() -> u64 {
     pmd::clock::now()
 }
 
-fn unique_name() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("cfs-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
 /// Where a server of `kind` listens: any port on loopback, or a fresh shm name.
 pub fn listen_addr(kind: Kind) -> String {
     match kind {
-        Kind::Ofi("shm") => unique_name(),
+        Kind::Ofi("shm") => fabric::transport::ofi::unique_shm_name(),
         _ => "127.0.0.1:0".into(),
     }
 }
