@@ -42,6 +42,8 @@ pub struct App {
     pub shutdown: Arc<tokio::sync::Notify>,
     /// The method table, for replaying deferred calls from a method.
     pub methods: OnceLock<Weak<Methods>>,
+    /// Fabric listeners.
+    pub fabric: crate::methods::fabric::FabricState,
     /// Loaded blobstores, by bdev name.
     pub blobstores: Mutex<std::collections::BTreeMap<String, blobfs::Blobstore>>,
 }
@@ -57,6 +59,7 @@ impl App {
             deferred: Mutex::new(Vec::new()),
             shutdown: Arc::default(),
             methods: OnceLock::new(),
+            fabric: Default::default(),
             blobstores: Mutex::default(),
         })
     }

@@ -2,11 +2,13 @@
 //!
 //! - `claudefs server`: reactors, bdevs and the JSON-RPC control socket;
 //! - `claudefs rpc METHOD [params]`: the control client;
-//! - `claudefs bdevperf`: the bdev benchmark and verifier.
+//! - `claudefs bdevperf`: the bdev benchmark and verifier;
+//! - `claudefs fabricperf`: the fabric RPC benchmark.
 
 mod app;
 mod bdevperf;
 mod blobperf;
+mod fabricperf;
 mod methods;
 mod server;
 
@@ -35,6 +37,8 @@ enum Command {
     Rpc(RpcArgs),
     /// Benchmark or verify bdevs (like SPDK's bdevperf).
     Bdevperf(bdevperf::Args),
+    /// Benchmark fabric RPC round trips against an echo listener.
+    Fabricperf(fabricperf::Args),
     /// Benchmark blobstore metadata: operations per second, load and recovery time.
     Blobperf(blobperf::Args),
 }
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Server(a) => server::run(a).map(|()| ExitCode::SUCCESS),
         Command::Rpc(a) => rpc(a),
         Command::Bdevperf(a) => bdevperf::run(a),
+        Command::Fabricperf(a) => fabricperf::run(a),
         Command::Blobperf(a) => blobperf::run(a),
     };
     match result {

@@ -111,6 +111,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             for bdev in a.blobstores.lock().unwrap_or_else(|p| p.into_inner()).keys() {
                 calls.push(json!({ "method": "blobstore_load", "params": { "bdev_name": bdev } }));
             }
+            calls.extend(a.fabric.save_config());
             Ok(calls)
         },
     );

@@ -2,6 +2,7 @@
 
 mod bdev;
 mod blobstore;
+pub mod fabric;
 mod framework;
 mod nvme;
 
@@ -16,6 +17,7 @@ pub fn build(app: &Arc<App>) -> Arc<Methods> {
     let mut methods = Methods::new(app.state.clone());
     framework::register(&mut methods, app);
     bdev::register(&mut methods, app);
+    fabric::register(&mut methods, app);
     blobstore::register(&mut methods, app);
     nvme::register(&mut methods, app);
     let methods = Arc::new(methods);

@@ -1,0 +1,276 @@
+//! Malformed, truncated and garbage frames: the connection that sent them is
+//! closed with a logged error, and the server keeps serving everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Kind, Pair, capture_logs, kinds, now};
+use fabric::frame::{Header, Hello, Opcode, Payload, crc32c};
+use fabric::rpc::RpcOptions;
+use fabric::stats::ConnState;
+
+/// A valid hello, as a client would open with.
+fn hello(addr: Vec<u8>, token: u32) -> Vec<u8> {
+    let h = Hello { max_message: 1 << 20, flags: 0, incarnation: 9, token, name: "attacker".into(), addr };
+    let payload = h.encode().unwrap();
+    let mut frame = Header::new(Opcode::Hello, 0).credits(4).payload(&payload).encode().to_vec();
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Keeps the good client busy: a new echo whenever the last one finished.
+fn keep_serving(p: &mut Pair, served: &mut usize) {
+    p.step();
+    for c in p.done.drain(..) {
+        assert_eq!(&c.result.unwrap()[..], &c.tag.to_le_bytes(), "{}: the good client is served", p.kind);
+        *served += 1;
+    }
+    if p.client.outstanding() == 0 {
+        let tag = *served as u64;
+        p.call(Payload::copy_from(&tag.to_le_bytes()), tag);
+    }
+}
+
+/// Steps the pair until every closed inbound connection of the server counts
+/// `closed`, checking the good client stays served.
+fn serve_until_closed(p: &mut Pair, closed: usize, served: &mut usize) {
+    let start = Instant::now();
+    loop {
+        keep_serving(p, served);
+        let conns = p.server.stats().connections();
+        if conns.iter().filter(|c| c.state == ConnState::Closed).count() >= closed {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}: the bad connections were not closed: {conns:#?}",
+            p.kind
+        );
+    }
+}
+
+#[test]
+fn bad_bytes_on_tcp_close_only_their_connection() {
+    let (_, logs) = capture_logs(|| {
+        let mut p = Pair::new(Kind::Tcp, RpcOptions::default(), RpcOptions::default());
+        let addr = p.server.local_addr();
+        let mut served = 0;
+        let open = || {
+            let s = TcpStream::connect(&addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        };
+        let mut garbage = open();
+        garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut bad_crc = open();
+        bad_crc.write_all(&hello(Vec::new(), 0)).unwrap();
+        let mut frame = Header::new(Opcode::Request, 1).payload(b"abc").encode();
+        frame[10] ^= 0xff;
+        bad_crc.write_all(&frame).unwrap();
+        let mut truncated = open();
+        truncated.write_all(&hello(Vec::new(), 0)).unwrap();
+        let h = Header::new(Opcode::Request, 1).payload(&[7u8; 1000]).encode();
+        truncated.write_all(&h).unwrap();
+        truncated.write_all(&[7u8; 10]).unwrap();
+        truncated.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut bad_payload = open();
+        bad_payload.write_all(&hello(Vec::new(), 0)).unwrap();
+        let mut frame = Header::new(Opcode::Request, 1).payload(b"payload").encode().to_vec();
+        frame.extend_from_slice(b"PAYLOAD");
+        bad_payload.write_all(&frame).unwrap();
+        let mut no_hello = open();
+        let mut frame = Header::new(Opcode::Request, 1).payload(b"hi").encode().to_vec();
+        frame.extend_from_slice(b"hi");
+        no_hello.write_all(&frame).unwrap();
+
+        serve_until_closed(&mut p, 5, &mut served);
+        // Each attacker sees its connection closed by the server.
+        for (name, s) in [
+            ("garbage", &mut garbage),
+            ("bad crc", &mut bad_crc),
+            ("truncated", &mut truncated),
+            ("bad payload", &mut bad_payload),
+            ("no hello", &mut no_hello),
+        ] {
+            let start = Instant::now();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                    Ok(_) => {} // the hello-ack
+                }
+                keep_serving(&mut p, &mut served);
+                assert!(start.elapsed() < Duration::from_secs(5), "{name}: connection still open");
+            }
+        }
+        let before = served;
+        while served < before + 100 {
+            keep_serving(&mut p, &mut served);
+        }
+        let conns = p.server.stats().connections();
+        let errors: Vec<String> = conns.iter().filter_map(|c| c.last_error.clone()).collect();
+        for want in [
+            "bad magic",
+            "header checksum mismatch",
+            "truncated frame",
+            "payload checksum mismatch",
+            "before the handshake",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(want)), "a connection closed for {want:?}: {errors:#?}");
+        }
+        assert_eq!(conns.iter().filter(|c| c.state == ConnState::Established).count(), 1, "the good one stays");
+    });
+    for want in [
+        "bad magic",
+        "header checksum mismatch",
+        "truncated frame",
+        "payload checksum mismatch",
+        "before the handshake",
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains(want)),
+            "logged: {want}\n{logs}"
+        );
+    }
+}
+
+/// A raw libfabric endpoint, to send what a well-behaved transport never would.
+struct Raw {
+    ep: fabric::ofi::Endpoint,
+    dest: u64,
+    buf: Box<[u8]>,
+}
+
+impl Raw {
+    fn new(provider: &str, server: &str) -> Raw {
+        use fabric::ofi::{EndpointOptions, InfoList, Query};
+        let node = (provider != "shm").then_some("127.0.0.1");
+        let list =
+            InfoList::get(&Query { provider: Some(provider), node, service: None, rma: false }).unwrap().unwrap();
+        let mut ep =
+            fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
+        let raw = match server.parse::<std::net::SocketAddr>() {
+            Ok(sa) => {
+                let std::net::IpAddr::V4(ip) = sa.ip() else { panic!("IPv4 loopback expected") };
+                let mut b = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+                b.extend_from_slice(&sa.port().to_be_bytes());
+                b.extend_from_slice(&ip.octets());
+                b.extend_from_slice(&[0u8; 8]);
+                b
+            }
+            Err(_) => format!("{server}\0").into_bytes(),
+        };
+        let dest = ep.av_insert(&raw).unwrap();
+        let mut buf = vec![0u8; 65536].into_boxed_slice();
+        // SAFETY: the buffer lives in the returned Raw, which drops the endpoint first.
+        unsafe { ep.post_recv(0, buf.as_mut_ptr(), buf.len()) }.unwrap();
+        Raw { ep, dest, buf }
+    }
+
+    /// Sends `bytes` with remote CQ data `token`, stepping `p` until the provider takes it.
+    fn send(&mut self, p: &mut Pair, bytes: &[u8], token: u32, served: &mut usize) {
+        let start = Instant::now();
+        while !self.ep.inject(bytes, self.dest, token).unwrap_or(false) {
+            let mut v = Vec::new();
+            let _ = self.ep.cq_read(&mut v);
+            keep_serving(p, served);
+            assert!(start.elapsed() < Duration::from_secs(10), "the provider never took the message");
+        }
+    }
+
+    /// Waits for the server's hello-ack and returns the token it gave us.
+    fn hello_ack_token(&mut self, p: &mut Pair, served: &mut usize) -> u32 {
+        let start = Instant::now();
+        loop {
+            let mut v = Vec::new();
+            let _ = self.ep.cq_read(&mut v);
+            if let Some(c) = v.first() {
+                let h = Header::decode(&self.buf[..c.len], 1 << 20).unwrap();
+                assert_eq!(h.opcode, Opcode::HelloAck);
+                return Hello::decode(&self.buf[32..c.len]).unwrap().token;
+            }
+            keep_serving(p, served);
+            assert!(start.elapsed() < Duration::from_secs(10), "no hello-ack");
+        }
+    }
+}
+
+#[test]
+fn bad_messages_on_libfabric_close_only_their_connection() {
+    for kind in kinds().into_iter().filter(|k| *k != Kind::Tcp) {
+        let Kind::Ofi(provider) = kind else { unreachable!() };
+        let (_, logs) = capture_logs(|| {
+            let mut p = Pair::new(kind, RpcOptions::default(), RpcOptions::default());
+            let server = p.server.local_addr();
+            let mut served = 0;
+            // Garbage from nobody: dropped, no connection made.
+            let mut stranger = Raw::new(provider, &server);
+            stranger.send(&mut p, b"\x00\x01garbage that is long enough to look like a header....", 0, &mut served);
+            // A frame from nobody that is not a hello: dropped.
+            let req = Header::new(Opcode::Request, 1).encode();
+            stranger.send(&mut p, &req, 0, &mut served);
+            // A proper hello, then garbage tagged with the token the server gave us.
+            let mut bad = Raw::new(provider, &server);
+            let addr = bad.ep.name().to_vec();
+            bad.send(&mut p, &hello(addr, 77), 0, &mut served);
+            let token = bad.hello_ack_token(&mut p, &mut served);
+            bad.send(&mut p, b"not a frame: nonsense, nonsense, nonsense", token, &mut served);
+            // A proper hello, then a frame announcing more than it carries.
+            let mut cut = Raw::new(provider, &server);
+            let addr = cut.ep.name().to_vec();
+            cut.send(&mut p, &hello(addr, 78), 0, &mut served);
+            let token = cut.hello_ack_token(&mut p, &mut served);
+            let mut frame = Header::new(Opcode::Request, 5).payload(&[1u8; 100]).encode().to_vec();
+            frame.extend_from_slice(&[1u8; 10]);
+            cut.send(&mut p, &frame, token, &mut served);
+            serve_until_closed(&mut p, 2, &mut served);
+            let before = served;
+            while served < before + 100 {
+                keep_serving(&mut p, &mut served);
+            }
+            let conns = p.server.stats().connections();
+            let errors: Vec<String> = conns.iter().filter_map(|c| c.last_error.clone()).collect();
+            assert!(errors.iter().any(|e| e.contains("bad magic")), "{kind}: {errors:?}");
+            assert!(errors.iter().any(|e| e.contains("truncated")), "{kind}: {errors:?}");
+            assert_eq!(
+                conns.iter().filter(|c| c.state == ConnState::Established).count(),
+                1,
+                "{kind}: the good one stays"
+            );
+            let fabric::transport::AnyTransport::Ofi(t) = p.server.transport() else { unreachable!() };
+            assert_eq!(t.rejected(), 2, "{kind}: both messages from the stranger were dropped");
+        });
+        assert!(logs.contains("dropped a message from an unknown sender"), "{kind}: {logs}");
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("bad magic")),
+            "{kind}: {logs}"
+        );
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains("closing the connection") && l.contains("truncated")),
+            "{kind}: {logs}"
+        );
+    }
+}
+
+#[test]
+fn the_stream_reader_is_not_fooled_by_a_huge_length() {
+    // A header announcing 4 GiB: refused before any allocation, connection closed.
+    let (_, logs) = capture_logs(|| {
+        let mut p = Pair::new(Kind::Tcp, RpcOptions::default(), RpcOptions::default());
+        let mut served = 0;
+        let mut s = TcpStream::connect(p.server.local_addr()).unwrap();
+        let mut h = Header::new(Opcode::Request, 1).encode();
+        h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32c(&h[..28]);
+        h[28..].copy_from_slice(&crc.to_le_bytes());
+        s.write_all(&h).unwrap();
+        serve_until_closed(&mut p, 1, &mut served);
+        let _ = now();
+    });
+    assert!(logs.contains("exceeds the maximum message size"), "{logs}");
+}
