@@ -86,6 +86,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         println!("claudefs server ready: control socket {} (reactors on cores {})", server.path().display(), app.mask);
         server.serve(shutdown_signal(app.clone())).await;
+        app.fs.unmount_all().await;
         app.unload_blobstores().await;
         anyhow::Ok(())
     });

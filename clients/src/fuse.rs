@@ -27,6 +27,22 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
+/// How ClaudeFS mounts: permission checks by the kernel, open to every user
+/// (the server runs as root), several request threads.
+pub fn mount_config() -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("claudefs".into()),
+        fuser::MountOption::Subtype("claudefs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    config
+}
+
 /// A FUSE file system over a [`FileSystem`].
 pub struct Fuse {
     fs: Arc<FileSystem>,
