@@ -98,6 +98,20 @@ async fn stop(m: Mount) -> Result<(), RpcError> {
 /// already a mount point, naming which.
 fn check_mountpoint(path: &Path) -> Result<PathBuf, RpcError> {
     let bad = |errno, what: &str| Err(RpcError::errno(errno, format!("mount point {}: {what}", path.display())));
+    if let Err(e) = std::fs::metadata(path)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+        && mount_type(path).is_some_and(|(fstype, source)| fstype.starts_with("fuse") && source == "claudefs")
+    {
+        // A ClaudeFS mount whose server died (kill -9, a crash): the kernel
+        // keeps it until it is unmounted. Detach it, as a restart expects.
+        tracing::warn!("{}: a ClaudeFS mount left by a server that is gone; detaching it", path.display());
+        detach(path).map_err(|e| {
+            RpcError::errno(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("detaching the stale mount on {}: {e}", path.display()),
+            )
+        })?;
+    }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return bad(libc::ENOENT, "does not exist"),
@@ -117,12 +131,36 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, RpcError> {
     }
 }
 
-/// Whether `path` (canonical) is a mount point, by /proc/self/mountinfo.
+/// Whether `path` (canonical) is a mount point.
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    // Field 5 is the mount point, with spaces and the like octal-escaped.
+    mount_type(path).is_some()
+}
+
+/// The file system type and source of the mount on `path`, by
+/// /proc/self/mountinfo (the last one, if several are stacked).
+fn mount_type(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Field 5 is the mount point (spaces octal-escaped); the type follows " - ".
     let want = path.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .filter_map(|l| {
+            let mut tail = l.split(" - ").nth(1)?.split(' ');
+            Some((tail.next()?.to_string(), tail.next()?.to_string()))
+        })
+        .next_back()
+}
+
+/// Lazily unmounts `path` (`umount -l`).
+fn detach(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call;
+    // umount2 reads it and touches no memory of ours.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn fs_err(e: blobfs::BlobError) -> RpcError {
