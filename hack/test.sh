@@ -32,7 +32,9 @@ doc=$(cargo test --workspace --doc 2>&1 | tee /dev/stderr | grep -E '^test resul
 count "$(echo "$doc" | awk '{s+=$4} END {print s+0}')" "$(echo "$doc" | awk '{s+=$6} END {print s+0}')"
 
 # The README's main job, once.
-if CLAUDEFS_SOCKET=/tmp/claudefs-smoke.sock hack/run.sh --once; then count 1 0; else echo "FAILED: hack/run.sh --once" >&2; count 0 1; fi
+mkdir -p /tmp/claudefs-smoke-mnt
+if CLAUDEFS_SOCKET=/tmp/claudefs-smoke.sock CLAUDEFS_IMAGE=/var/tmp/claudefs-smoke.img \
+   CLAUDEFS_MOUNT=/tmp/claudefs-smoke-mnt hack/run.sh --once; then count 1 0; else echo "FAILED: hack/run.sh --once" >&2; count 0 1; fi
 
 # The NVMe driver for real: QEMU's emulated controllers behind VFIO in a guest
 # (hack/vm-test.sh: setup.sh, the driver's integration tests, bdevperf verify, RPCs).

@@ -44,6 +44,8 @@ pub struct App {
     pub methods: OnceLock<Weak<Methods>>,
     /// Fabric listeners.
     pub fabric: crate::methods::fabric::FabricState,
+    /// Mounted file systems.
+    pub fs: crate::methods::fs::FsState,
     /// Loaded blobstores, by bdev name.
     pub blobstores: Mutex<std::collections::BTreeMap<String, blobfs::Blobstore>>,
 }
@@ -60,6 +62,7 @@ impl App {
             shutdown: Arc::default(),
             methods: OnceLock::new(),
             fabric: Default::default(),
+            fs: Default::default(),
             blobstores: Mutex::default(),
         })
     }

@@ -11,6 +11,7 @@ mod blobperf;
 mod fabricperf;
 mod methods;
 mod server;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,14 @@ struct Cli {
 enum Command {
     /// Run a server: reactors, bdevs and the control socket.
     Server(server::ServerArgs),
+    /// Start a single-node ClaudeFS on an image file and mount it (Ctrl-C or `claudefs down` stops it).
+    Up(up::UpArgs),
+    /// Stop the server behind a control socket (unmounting cleanly).
+    Down(SocketArgs),
+    /// Mount the file system of a running server's blobstore on a directory.
+    Mount(MountArgs),
+    /// Unmount a running server's file system.
+    Umount(UmountArgs),
     /// Call a JSON-RPC method of a running server (`claudefs rpc METHOD --help` describes one).
     Rpc(RpcArgs),
     /// Benchmark or verify bdevs (like SPDK's bdevperf).
@@ -41,6 +50,40 @@ enum Command {
     Fabricperf(fabricperf::Args),
     /// Benchmark blobstore metadata: operations per second, load and recovery time.
     Blobperf(blobperf::Args),
+}
+
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// Control socket of the server.
+    #[arg(short = 's', long = "server", default_value = pmd::rpc::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    #[command(flatten)]
+    server: SocketArgs,
+    /// The bdev whose loaded blobstore holds the file system.
+    #[arg(long, default_value = "Uring0")]
+    bdev: String,
+    /// An existing, empty directory.
+    mountpoint: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct UmountArgs {
+    #[command(flatten)]
+    server: SocketArgs,
+    /// The mount point.
+    mountpoint: PathBuf,
+}
+
+/// Calls one method and prints its result.
+fn call(socket: &std::path::Path, method: &str, params: Option<serde_json::Value>) -> anyhow::Result<ExitCode> {
+    let mut client = clients::control::Client::connect(socket, Duration::from_secs(120))?;
+    let result = client.call(method, params)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -101,13 +144,23 @@ fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(a) => server::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Up(a) => up::up(a),
+        Command::Down(a) => call(&a.socket, "framework_shutdown", None),
+        Command::Mount(a) => std::path::absolute(&a.mountpoint).map_err(Into::into).and_then(|path| {
+            call(&a.server.socket, "fs_mount", Some(serde_json::json!({ "bdev_name": a.bdev, "mountpoint": path })))
+        }),
+        Command::Umount(a) => std::path::absolute(&a.mountpoint)
+            .map_err(Into::into)
+            .and_then(|path| call(&a.server.socket, "fs_umount", Some(serde_json::json!({ "mountpoint": path })))),
         Command::Rpc(a) => rpc(a),
         Command::Bdevperf(a) => bdevperf::run(a),
         Command::Fabricperf(a) => fabricperf::run(a),

@@ -68,6 +68,11 @@ pub fn start_runtime(
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Check everything that can be checked before anything starts.
     let calls = args.config.as_deref().map(read_config).transpose()?;
+    run_with(args, calls)
+}
+
+/// Runs a server that replays `calls` (the startup config) first.
+pub fn run_with(args: ServerArgs, calls: Option<Vec<crate::app::ConfigCall>>) -> anyhow::Result<()> {
     let (runtime, mask) = start_runtime(&args.mask, args.idle, args.spin_us, args.hugepages, args.mem_size_mib)?;
     let app = App::new(runtime.reactors().clone(), mask, args.idle);
     let methods = crate::methods::build(&app);
@@ -76,9 +81,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         let server = RpcServer::bind(&args.socket, methods.clone(), args.max_request)?;
         match calls {
-            Some(calls) => replay(&app, &methods, calls, args.wait_for_rpc).await.with_context(|| {
-                format!("loading config {}", args.config.as_deref().unwrap_or(std::path::Path::new("")).display())
-            })?,
+            Some(calls) => {
+                replay(&app, &methods, calls, args.wait_for_rpc).await.with_context(|| match &args.config {
+                    Some(path) => format!("loading config {}", path.display()),
+                    None => "starting up".to_string(),
+                })?
+            }
             None if !args.wait_for_rpc => {
                 app.init();
             }
@@ -86,6 +94,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         println!("claudefs server ready: control socket {} (reactors on cores {})", server.path().display(), app.mask);
         server.serve(shutdown_signal(app.clone())).await;
+        app.fs.unmount_all().await;
         app.unload_blobstores().await;
         anyhow::Ok(())
     });

@@ -112,6 +112,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 calls.push(json!({ "method": "blobstore_load", "params": { "bdev_name": bdev } }));
             }
             calls.extend(a.fabric.save_config());
+            calls.extend(a.fs.config());
             Ok(calls)
         },
     );

@@ -4,6 +4,7 @@ mod bdev;
 mod blobstore;
 pub mod fabric;
 mod framework;
+pub mod fs;
 mod nvme;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub fn build(app: &Arc<App>) -> Arc<Methods> {
     bdev::register(&mut methods, app);
     fabric::register(&mut methods, app);
     blobstore::register(&mut methods, app);
+    fs::register(&mut methods, app);
     nvme::register(&mut methods, app);
     let methods = Arc::new(methods);
     let _ = app.methods.set(Arc::downgrade(&methods));

@@ -26,6 +26,8 @@ pub struct FileSystem {
     writers: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
     /// Open handles per inode: an unlinked inode lives while it has any.
     open: Mutex<HashMap<Ino, u32>>,
+    /// The pool blob, open until [`FileSystem::shutdown`].
+    pool: tokio::sync::Mutex<Option<crate::Blob>>,
 }
 
 impl FileSystem {
@@ -50,12 +52,17 @@ impl FileSystem {
         };
         let handle = store.open_blob(pool).await?;
         let blob = handle.shared().clone();
-        // Open for the file system's lifetime.
-        std::mem::forget(handle);
         let (chunk_size, used) = meta.read(|s| (s.chunk_size(), s.all_chunks().collect::<Vec<_>>()));
         let data = DataPool::new(store.clone(), blob, reactors, used)
             .map_err(|e| BlobError::corrupt(format!("file system on {}", store.bdev_name()), e))?;
-        let fs = FileSystem { meta, data, chunk_size, writers: Mutex::default(), open: Mutex::default() };
+        let fs = FileSystem {
+            meta,
+            data,
+            chunk_size,
+            writers: Mutex::default(),
+            open: Mutex::default(),
+            pool: tokio::sync::Mutex::new(Some(handle)),
+        };
         let orphans: Vec<Ino> = fs.meta.orphans().into_iter().collect();
         if !orphans.is_empty() {
             tracing::info!("reclaiming {} orphan inode(s) left by the previous run", orphans.len());
@@ -281,10 +288,18 @@ impl FileSystem {
         self.meta.sync().await
     }
 
-    /// Stops the metadata group after making everything durable.
+    /// Makes everything durable, stops the metadata group and closes the
+    /// file system's blobs (so the store can be unloaded cleanly).
     pub async fn shutdown(&self) -> Result<(), Errno> {
         self.sync().await?;
-        self.meta.shutdown().await
+        self.meta.shutdown().await?;
+        if let Some(blob) = self.pool.lock().await.take() {
+            blob.close().await.map_err(|e| {
+                tracing::error!("closing the data pool blob: {e}");
+                Errno(e.errno())
+            })?;
+        }
+        Ok(())
     }
 }
 

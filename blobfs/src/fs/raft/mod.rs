@@ -79,6 +79,8 @@ pub struct MetaRaft {
     raft: Raft<TypeConfig>,
     state: Arc<RwLock<MetaState>>,
     log: LogStore,
+    /// The log blob, open until [`MetaRaft::shutdown`].
+    log_blob: Arc<tokio::sync::Mutex<Option<crate::Blob>>>,
 }
 
 impl MetaRaft {
@@ -115,8 +117,6 @@ impl MetaRaft {
         let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, now)).await?;
         let log_handle = store.open_blob(log_blob).await?;
         let log = LogStore::open(store.clone(), log_handle.shared().clone(), opts.durability).await?;
-        // The handle keeps the blob open for the log writer's lifetime.
-        std::mem::forget(log_handle);
         let config = Config {
             cluster_name: "claudefs-meta".into(),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
@@ -135,7 +135,7 @@ impl MetaRaft {
         if fresh || log.last_index().is_none() {
             raft.initialize(members).await.map_err(|e| BlobError::MetaGroup(format!("initializing: {e}")))?;
         }
-        let me = MetaRaft { raft, state, log };
+        let me = MetaRaft { raft, state, log, log_blob: Arc::new(tokio::sync::Mutex::new(Some(log_handle))) };
         me.catch_up().await?;
         Ok(me)
     }
@@ -196,10 +196,17 @@ impl MetaRaft {
         Ok(())
     }
 
-    /// Stops the group (after syncing the log).
+    /// Stops the group (after syncing the log) and closes the log blob.
     pub async fn shutdown(&self) -> Result<(), Errno> {
         self.sync().await?;
-        self.raft.shutdown().await.map_err(|_| Errno::EIO)
+        self.raft.shutdown().await.map_err(|_| Errno::EIO)?;
+        if let Some(blob) = self.log_blob.lock().await.take() {
+            blob.close().await.map_err(|e| {
+                tracing::error!("closing the metadata log blob: {e}");
+                Errno(e.errno())
+            })?;
+        }
+        Ok(())
     }
 
     /// Orphans left by a previous run (nobody can have them open now).

@@ -1,0 +1,503 @@
+//! The FUSE gateway: the kernel's requests answered from a [`FileSystem`].
+//!
+//! fuser's worker threads decode requests; metadata reads are answered on
+//! the spot from the replicated state, and everything that changes state or
+//! touches data runs as a task on a tokio runtime that replies when done, so
+//! a slow request never holds a worker. Permissions are the kernel's job
+//! (`default_permissions`). Attributes and entries are cached by the kernel
+//! for [`TTL`]: every change goes through this mount, which is the only
+//! client of a single-node file system, so what the kernel caches is what
+//! the file system holds.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blobfs::fs::{Attr, Cmd, Creator, Errno, FileKind, FileSystem, RenameMode, Reply, SetAttr, Time, XattrMode};
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+/// How long the kernel may cache attributes and entries.
+pub const TTL: Duration = Duration::from_secs(1);
+
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+/// How ClaudeFS mounts: permission checks by the kernel, open to every user
+/// (the server runs as root), several request threads.
+pub fn mount_config() -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("claudefs".into()),
+        fuser::MountOption::Subtype("claudefs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    config
+}
+
+/// A FUSE file system over a [`FileSystem`].
+pub struct Fuse {
+    fs: Arc<FileSystem>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Fuse {
+    /// Serves `fs`, running its work on `rt`.
+    pub fn new(fs: Arc<FileSystem>, rt: tokio::runtime::Handle) -> Fuse {
+        Fuse { fs, rt }
+    }
+
+    /// Runs `f` as a task with the file system.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<FileSystem>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { f(fs).await });
+    }
+}
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn now() -> Time {
+    time_of(SystemTime::now())
+}
+
+fn time_of(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time(d.as_nanos().min(i64::MAX as u128) as i64),
+        Err(e) => Time(-(e.duration().as_nanos().min(i64::MAX as u128) as i64)),
+    }
+}
+
+fn system_time(t: Time) -> SystemTime {
+    let (secs, nanos) = t.split();
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(u64::from(nanos))
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.btime),
+        kind: file_type(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn creator(req: &Request) -> Creator {
+    Creator { uid: req.uid(), gid: req.gid(), now: now() }
+}
+
+fn name_of(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<Reply, Errno>) {
+    match r {
+        Ok(Reply::Entry(a)) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+        Ok(other) => {
+            tracing::error!("fuse: an entry was expected, the file system replied {other:?}");
+            reply.error(fuser::Errno::EIO)
+        }
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<impl Sized, Errno>) {
+    match r {
+        Ok(_) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<Time> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => time_of(t),
+        TimeOrNow::Now => now(),
+    })
+}
+
+impl Filesystem for Fuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        // Each is optional: an older kernel without one still mounts.
+        for flag in [
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
+            fuser::InitFlags::FUSE_POSIX_ACL,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.meta().read(|s| s.lookup(parent.0, name.as_bytes()).cloned()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.meta().read(|s| s.getattr(ino.0).cloned()) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+            btime: crtime.map(time_of),
+            tail: None,
+        };
+        self.spawn(move |fs| async move {
+            match fs.setattr(ino.0, set, now()).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.meta().read(|s| s.readlink(ino.0).map(<[u8]>::to_vec)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let Some(kind) = FileKind::from_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink)) else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        let cmd = Cmd::Mknod {
+            parent: parent.0,
+            name: name_of(name),
+            kind,
+            perm: mode & !umask & 0o7777,
+            rdev,
+            by: creator(req),
+        };
+        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let cmd = Cmd::Mkdir { parent: parent.0, name: name_of(name), perm: mode & !umask & 0o7777, by: creator(req) };
+        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let cmd = Cmd::Unlink { parent: parent.0, name: name_of(name), now: now() };
+        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let cmd = Cmd::Rmdir { parent: parent.0, name: name_of(name), now: now() };
+        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+        let cmd = Cmd::Symlink {
+            parent: parent.0,
+            name: name_of(link_name),
+            target: target.as_os_str().as_bytes().to_vec(),
+            by: creator(req),
+        };
+        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        let cmd = Cmd::Rename {
+            parent: parent.0,
+            name: name_of(name),
+            new_parent: newparent.0,
+            new_name: name_of(newname),
+            mode,
+            now: now(),
+        };
+        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let cmd = Cmd::Link { ino: ino.0, parent: newparent.0, name: name_of(newname), now: now() };
+        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
+            Ok(()) => {
+                self.fs.opened(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let cmd = Cmd::Mknod {
+            parent: parent.0,
+            name: name_of(name),
+            kind: FileKind::File,
+            perm: mode & !umask & 0o7777,
+            rdev: 0,
+            by: creator(req),
+        };
+        self.spawn(move |fs| async move {
+            match fs.apply(cmd).await {
+                Ok(Reply::Entry(a)) => {
+                    fs.opened(a.ino);
+                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::empty());
+                }
+                Ok(_) => reply.error(fuser::Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.read(ino.0, offset, size as usize).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(move |fs| async move {
+            match fs.write(ino.0, offset, &data, now()).await {
+                Ok(_) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.released(ino.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.sync().await) });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.sync().await) });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.meta().read(|s| s.readdir(ino.0, offset, 1024)) {
+            Ok(entries) => {
+                for e in entries {
+                    if reply.add(INodeNo(e.ino), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let listed = self.fs.meta().read(|s| {
+            let entries = s.readdir(ino.0, offset, 1024)?;
+            Ok(entries.into_iter().filter_map(|e| s.getattr(e.ino).ok().map(|a| (e, a.clone()))).collect::<Vec<_>>())
+        });
+        match listed {
+            Ok(entries) => {
+                for (e, a) in entries {
+                    let attr = file_attr(&a);
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.cookie, name, &TTL, &attr, Generation(a.generation)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (pages, free) = self.fs.space();
+        let inodes = self.fs.meta().read(|s| s.usage().inodes);
+        // Inodes are not a fixed table: report room for as many as pages.
+        reply.statfs(pages, free, free, inodes + free, free, 4096, 255, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Upsert,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return reply.error(fuser::Errno::EINVAL),
+        };
+        let cmd = Cmd::SetXattr { ino: ino.0, name: name_of(name), value: value.to_vec(), mode, now: now() };
+        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.meta().read(|s| s.getxattr(ino.0, name.as_bytes()).map(<[u8]>::to_vec)) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = self.fs.meta().read(|s| {
+            s.listxattr(ino.0).map(|names| {
+                names.fold(Vec::new(), |mut out, n| {
+                    out.extend_from_slice(n);
+                    out.push(0);
+                    out
+                })
+            })
+        });
+        match names {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let cmd = Cmd::RemoveXattr { ino: ino.0, name: name_of(name), now: now() };
+        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+    }
+}
