@@ -46,3 +46,16 @@ if [ "$step" = test ] && ! cargo nextest --version >/dev/null 2>&1; then
   echo "hack/deps.sh: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
 fi
+
+# pjdfstest runs on the FUSE mount (tests/mount.rs); some of its tests switch
+# to an unprivileged user named "tests".
+if [ "$step" = test ]; then
+  if ! command -v pjdfstest >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/pjdfstest" ]; then
+    echo "hack/deps.sh: installing pjdfstest" >&2
+    cargo install --locked pjdfstest
+  fi
+  if ! id tests >/dev/null 2>&1; then
+    echo "hack/deps.sh: adding the user 'tests' for pjdfstest" >&2
+    useradd -M -s /usr/sbin/nologin tests
+  fi
+fi

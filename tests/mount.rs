@@ -251,3 +251,29 @@ fn bad_mount_points_are_refused_with_their_reason() {
     std::fs::write(mnt.join("still"), b"ok").unwrap();
     up.down();
 }
+
+/// pjdfstest installed by `hack/deps.sh test` (in `$HOME/.cargo/bin` or on PATH).
+fn pjdfstest() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/pjdfstest"));
+    home.filter(|p| p.exists()).or_else(|| {
+        std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("pjdfstest")).find(|p| p.exists())
+    })
+}
+
+#[test]
+fn pjdfstest_passes_on_the_mount() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let Some(bin) = pjdfstest() else {
+        eprintln!("skipping: pjdfstest is not installed (hack/deps.sh test installs it)");
+        return;
+    };
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/pjdfstest.toml");
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    let out = Command::new(bin).arg("-c").arg(&config).arg("-p").arg(&mnt).current_dir(&mnt).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let summary = text.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary line").to_string();
+    eprintln!("pjdfstest: {summary}");
+    let failed: Vec<&str> = text.lines().filter(|l| l.trim_end().ends_with("FAILED")).collect();
+    assert!(out.status.success() && summary.starts_with("Summary: 0 failed"), "{summary}\n{}", failed.join("\n"));
+    up.down();
+}

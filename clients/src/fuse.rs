@@ -303,14 +303,28 @@ impl Filesystem for Fuse {
         self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
-            Ok(()) => {
-                self.fs.opened(ino.0);
-                reply.opened(FileHandle(0), FopenFlags::empty());
-            }
-            Err(e) => reply.error(errno(e)),
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let kind = match self.fs.meta().read(|s| s.getattr(ino.0).map(|a| a.kind)) {
+            Ok(kind) => kind,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if flags.0 & libc::O_TRUNC == 0 || kind != FileKind::File {
+            self.fs.opened(ino.0);
+            return reply.opened(FileHandle(0), FopenFlags::empty());
         }
+        // FUSE_ATOMIC_O_TRUNC: the truncate is ours, and it marks the data
+        // and status as changed even if the file was empty (POSIX open()).
+        self.spawn(move |fs| async move {
+            let t = now();
+            let set = SetAttr { size: Some(0), mtime: Some(t), ..Default::default() };
+            match fs.setattr(ino.0, set, t).await {
+                Ok(_) => {
+                    fs.opened(ino.0);
+                    reply.opened(FileHandle(0), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn create(
