@@ -3,7 +3,9 @@
 //! with -9 and restarted, and refused bad mount points with their reasons.
 //! Needs root and /dev/fuse; says so and skips without them.
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -76,17 +78,7 @@ impl Up {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (mut pipe, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let log = common::capture_stderr(&mut child);
         Up { child, socket, mount: mount.to_path_buf(), log }
     }
 

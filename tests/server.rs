@@ -1,6 +1,8 @@
 //! `claudefs server` and `claudefs rpc` as a user runs them: a real process,
 //! a real socket, and every kind of bad input the control plane must survive.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -37,18 +39,7 @@ impl Server {
             cmd.arg("-c").arg(path);
         }
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let log = common::capture_stderr(&mut child);
         let mut server = Server { child, socket, _dir: dir, log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&server.socket).is_err() {
