@@ -98,20 +98,8 @@ async fn raw_fua_rate(app: &App, bdev: &str, ops: u64) -> anyhow::Result<f64> {
             let mut rng = fastrand::Rng::with_seed(7);
             let start = Instant::now();
             for _ in 0..ops {
-                ch.submit(
-                    pmd::task::now(),
-                    Io::write(rng.u64(0..span) * blocks, buf.take().expect("returned"), 0).with_fua(true),
-                );
-                let mut out = Vec::new();
-                std::future::poll_fn(|cx| {
-                    if ch.poll(pmd::task::now(), &mut out) > 0 {
-                        return std::task::Poll::Ready(());
-                    }
-                    cx.waker().wake_by_ref();
-                    std::task::Poll::Pending
-                })
-                .await;
-                let c = out.pop().expect("one completion");
+                let io = Io::write(rng.u64(0..span) * blocks, buf.take().expect("returned"), 0).with_fua(true);
+                let c = ch.run_one(io).await;
                 c.status.map_err(|e| anyhow::anyhow!("FUA write failed: {e}"))?;
                 buf = c.bufs.into_one();
             }

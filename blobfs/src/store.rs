@@ -433,17 +433,7 @@ async fn read_geometry(
             if desc.bdev().num_blocks() < blocks {
                 return Err(BlobError::NotABlobstore { bdev: name, reason: "too small to hold super blocks".into() });
             }
-            ch.submit(pmd::task::now(), nvme::Io::read(0, buf, 0));
-            let mut out = Vec::new();
-            std::future::poll_fn(|cx| {
-                if ch.poll(pmd::task::now(), &mut out) > 0 {
-                    return std::task::Poll::Ready(());
-                }
-                cx.waker().wake_by_ref();
-                std::task::Poll::Pending
-            })
-            .await;
-            let c = out.pop().expect("one completion");
+            let c = ch.run_one(nvme::Io::read(0, buf, 0)).await;
             c.status.map_err(|e| BlobError::io(format!("reading the super blocks of {name}"), e))?;
             let buf = c.bufs.into_one().expect("one buffer");
             let mut problems = Vec::new();

@@ -177,6 +177,24 @@ impl BdevChannel {
         }
     }
 
+    /// Runs one request from a reactor task and returns its completion: for
+    /// a channel the task has to itself, with nothing else in flight (a
+    /// control-path read or write, not the data path). The task yields
+    /// between polls, so the reactor keeps running everything else.
+    pub async fn run_one(&mut self, io: Io) -> Completion {
+        self.submit(pmd::task::now(), io);
+        let mut out = Vec::with_capacity(1);
+        std::future::poll_fn(|cx| {
+            if self.poll(pmd::task::now(), &mut out) > 0 {
+                return std::task::Poll::Ready(());
+            }
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await;
+        out.pop().expect("a poll that returned a completion")
+    }
+
     /// Appends the requests finished since the last call to `out` and returns
     /// how many were appended.
     pub fn poll(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
