@@ -27,7 +27,7 @@ pub struct FileSystem {
     /// Open handles per inode: an unlinked inode lives while it has any.
     open: Mutex<HashMap<Ino, u32>>,
     /// The pool blob, open until [`FileSystem::shutdown`].
-    pool: tokio::sync::Mutex<Option<crate::Blob>>,
+    pool: super::HeldBlob,
 }
 
 impl FileSystem {
@@ -61,7 +61,7 @@ impl FileSystem {
             chunk_size,
             writers: Mutex::default(),
             open: Mutex::default(),
-            pool: tokio::sync::Mutex::new(Some(handle)),
+            pool: super::HeldBlob::new(handle),
         };
         let orphans: Vec<Ino> = fs.meta.orphans().into_iter().collect();
         if !orphans.is_empty() {
@@ -293,13 +293,7 @@ impl FileSystem {
     pub async fn shutdown(&self) -> Result<(), Errno> {
         self.sync().await?;
         self.meta.shutdown().await?;
-        if let Some(blob) = self.pool.lock().await.take() {
-            blob.close().await.map_err(|e| {
-                tracing::error!("closing the data pool blob: {e}");
-                Errno(e.errno())
-            })?;
-        }
-        Ok(())
+        self.pool.close("data pool").await
     }
 }
 

@@ -26,5 +26,26 @@ pub use files::FileSystem;
 pub use state::{MetaState, Usage};
 pub use types::{Attr, ChunkRef, Creator, DirEntry, Errno, FileKind, Ino, ROOT, Time};
 
+/// A blob the file system keeps open while it runs, closed once at shutdown
+/// (so the store can then be unloaded cleanly).
+pub(crate) struct HeldBlob(tokio::sync::Mutex<Option<crate::Blob>>);
+
+impl HeldBlob {
+    pub(crate) fn new(blob: crate::Blob) -> HeldBlob {
+        HeldBlob(tokio::sync::Mutex::new(Some(blob)))
+    }
+
+    /// Closes the blob (`what` names it in the log); later calls do nothing.
+    pub(crate) async fn close(&self, what: &str) -> Result<(), Errno> {
+        match self.0.lock().await.take() {
+            Some(blob) => blob.close().await.map_err(|e| {
+                tracing::error!("closing the {what} blob: {e}");
+                Errno(e.errno())
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -80,7 +80,7 @@ pub struct MetaRaft {
     state: Arc<RwLock<MetaState>>,
     log: LogStore,
     /// The log blob, open until [`MetaRaft::shutdown`].
-    log_blob: Arc<tokio::sync::Mutex<Option<crate::Blob>>>,
+    log_blob: Arc<super::HeldBlob>,
 }
 
 impl MetaRaft {
@@ -135,7 +135,7 @@ impl MetaRaft {
         if fresh || log.last_index().is_none() {
             raft.initialize(members).await.map_err(|e| BlobError::MetaGroup(format!("initializing: {e}")))?;
         }
-        let me = MetaRaft { raft, state, log, log_blob: Arc::new(tokio::sync::Mutex::new(Some(log_handle))) };
+        let me = MetaRaft { raft, state, log, log_blob: Arc::new(super::HeldBlob::new(log_handle)) };
         me.catch_up().await?;
         Ok(me)
     }
@@ -200,13 +200,7 @@ impl MetaRaft {
     pub async fn shutdown(&self) -> Result<(), Errno> {
         self.sync().await?;
         self.raft.shutdown().await.map_err(|_| Errno::EIO)?;
-        if let Some(blob) = self.log_blob.lock().await.take() {
-            blob.close().await.map_err(|e| {
-                tracing::error!("closing the metadata log blob: {e}");
-                Errno(e.errno())
-            })?;
-        }
-        Ok(())
+        self.log_blob.close("metadata log").await
     }
 
     /// Orphans left by a previous run (nobody can have them open now).
