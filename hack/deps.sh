@@ -2,7 +2,8 @@
 # Installs what a step needs on a fresh Debian machine, and nothing twice.
 #   hack/deps.sh run     build and run a server
 #   hack/deps.sh test    the test suite (adds cargo-nextest)
-#   hack/deps.sh bench   the benchmarks (adds fio, valgrind, matplotlib, fi_pingpong)
+#   hack/deps.sh bench   the benchmarks (adds fio, valgrind, matplotlib, fi_pingpong; for
+#                        hack/bench/fs.py the peers GlusterFS and MooseFS, e2fsprogs, pjdfstest)
 #   hack/deps.sh vm      the QEMU guest of hack/vm-test.sh (qemu, busybox, cpio)
 set -euo pipefail
 
@@ -16,9 +17,10 @@ want ca-certificates gcc libc6-dev pkg-config util-linux python3
 want libfabric-dev libclang-dev
 case "$step" in
   run) ;;
-  test) want qemu-system-x86 cpio busybox-static ;;
+  test) want qemu-system-x86 cpio busybox-static stress-ng ;;
   vm) want qemu-system-x86 cpio busybox-static ;;
-  bench) want fio valgrind python3-matplotlib libfabric-bin ;;
+  bench) want fio valgrind python3-matplotlib libfabric-bin e2fsprogs iproute2 \
+    glusterfs-server glusterfs-client moosefs-master moosefs-chunkserver moosefs-client ;;
   *) echo "usage: $0 run|test|vm|bench" >&2; exit 2 ;;
 esac
 
@@ -47,9 +49,9 @@ if [ "$step" = test ] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# pjdfstest runs on the FUSE mount (tests/mount.rs); some of its tests switch
-# to an unprivileged user named "tests".
-if [ "$step" = test ]; then
+# pjdfstest runs on the FUSE mount (tests/mount.rs, hack/bench/fs.py); some of
+# its tests switch to an unprivileged user named "tests".
+if [ "$step" = test ] || [ "$step" = bench ]; then
   if ! command -v pjdfstest >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/pjdfstest" ]; then
     echo "hack/deps.sh: installing pjdfstest" >&2
     cargo install --locked pjdfstest

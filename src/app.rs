@@ -109,7 +109,7 @@ impl App {
 pub struct ConfigError {
     pub index: usize,
     pub method: String,
-    #[source]
+    /// Not a `#[source]`: the message already says it.
     pub error: RpcError,
 }
 

@@ -73,6 +73,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 /// Runs a server that replays `calls` (the startup config) first.
 pub fn run_with(args: ServerArgs, calls: Option<Vec<crate::app::ConfigCall>>) -> anyhow::Result<()> {
+    let signals = StopSignals::block().context("blocking SIGINT and SIGTERM")?;
     let (runtime, mask) = start_runtime(&args.mask, args.idle, args.spin_us, args.hugepages, args.mem_size_mib)?;
     let app = App::new(runtime.reactors().clone(), mask, args.idle);
     let methods = crate::methods::build(&app);
@@ -93,7 +94,7 @@ pub fn run_with(args: ServerArgs, calls: Option<Vec<crate::app::ConfigCall>>) ->
             None => tracing::info!("waiting for framework_start_init"),
         }
         println!("claudefs server ready: control socket {} (reactors on cores {})", server.path().display(), app.mask);
-        server.serve(shutdown_signal(app.clone())).await;
+        server.serve(shutdown_signal(app.clone(), signals)).await;
         app.fs.unmount_all().await;
         app.unload_blobstores().await;
         anyhow::Ok(())
@@ -104,19 +105,79 @@ pub fn run_with(args: ServerArgs, calls: Option<Vec<crate::app::ConfigCall>>) ->
 }
 
 /// Completes on SIGINT, SIGTERM or framework_shutdown.
-async fn shutdown_signal(app: Arc<App>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            tracing::warn!("cannot install signal handlers; only framework_shutdown stops the server");
-            app.shutdown.notified().await;
-            return;
-        }
-    };
+async fn shutdown_signal(app: Arc<App>, signals: StopSignals) {
     tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        signal = signals.next() => match signal {
+            Ok(name) => tracing::info!("{name}: shutting down"),
+            Err(e) => {
+                tracing::warn!("reading signals failed ({e}); only framework_shutdown stops the server now");
+                app.shutdown.notified().await;
+            }
+        },
         _ = app.shutdown.notified() => tracing::info!("framework_shutdown: shutting down"),
+    }
+}
+
+/// SIGINT and SIGTERM, blocked in every thread and read from a signalfd.
+///
+/// Not signal handlers: libfabric links libinfinipath (PSM), whose load-time
+/// constructor installs SIGINT/SIGTERM handlers that call `exit(1)`, and a
+/// handler of ours would chain to theirs (the server would vanish without
+/// unmounting or unloading). Blocked signals run no handler at all. The mask
+/// is set before any thread starts, so every thread inherits it; child
+/// processes start with an empty mask (std resets it).
+struct StopSignals(std::os::fd::OwnedFd);
+
+impl StopSignals {
+    fn block() -> std::io::Result<StopSignals> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: sigset_t is plain data that sigemptyset initialises; the
+        // pointers passed are to that live local.
+        let set = unsafe {
+            let mut set = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            set
+        };
+        // SAFETY: `set` is initialised; the old mask is not asked for.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: a new signalfd for an initialised set; we own the fd it returns.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(StopSignals(fd))
+    }
+
+    /// Waits for a signal (in a tokio runtime); its name.
+    async fn next(self) -> std::io::Result<&'static str> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the AsyncFd owns the fd, which stays open as long as it does.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(self.0, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        loop {
+            let mut guard = fd.readable().await?;
+            let mut info = std::mem::MaybeUninit::<libc::signalfd_siginfo>::uninit();
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most `size` bytes into `info`, which has that size.
+            let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), info.as_mut_ptr().cast(), size) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: the kernel wrote a whole signalfd_siginfo (reads are all or nothing).
+            let signo = unsafe { info.assume_init() }.ssi_signo as i32;
+            return Ok(if signo == libc::SIGINT { "SIGINT" } else { "SIGTERM" });
+        }
     }
 }

@@ -81,6 +81,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         call(if format { "blobstore_create" } else { "blobstore_load" }, json!({ "bdev_name": "Uring0" })),
         call("fs_mount", json!({ "bdev_name": "Uring0", "mountpoint": args.mount })),
     ];
+    // What each call is, in the words of a failure.
+    let steps = [
+        "starting the server".to_string(),
+        format!("opening the image {}", args.image.display()),
+        format!("{} the file system on {}", if format { "formatting" } else { "loading" }, args.image.display()),
+        format!("mounting on {}", args.mount.display()),
+    ];
     let server = ServerArgs {
         config: None,
         mask: args.mask,
@@ -92,5 +99,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         mem_size_mib: None,
         max_request: pmd::rpc::DEFAULT_MAX_REQUEST,
     };
-    crate::server::run_with(server, Some(calls)).map(|()| ExitCode::SUCCESS)
+    crate::server::run_with(server, Some(calls)).map(|()| ExitCode::SUCCESS).map_err(|e| match e
+        .downcast_ref::<crate::app::ConfigError>()
+    {
+        Some(c) => anyhow::anyhow!("{}: {}", steps[c.index - 1], c.error),
+        None => e,
+    })
 }

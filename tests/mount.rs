@@ -33,19 +33,23 @@ struct Up {
 impl Up {
     /// Starts `claudefs up` and waits for the mount; `Err` with its output if it exits.
     fn start(dir: &Path, image: &Path, mount: &Path) -> Result<Up, String> {
-        let mut up = Self::spawn(dir, image, mount);
+        Self::spawn(dir, image, mount).wait_mounted()
+    }
+
+    /// Waits until the spawned `up` has mounted; `Err` with its output if it exits.
+    fn wait_mounted(mut self) -> Result<Up, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = up.child.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                return Err(format!("exited with {status}: {}", up.log()));
+                return Err(format!("exited with {status}: {}", self.log()));
             }
             // The server's own word, not the mount table: a stale mount of a
             // killed server is listed there too.
-            if up.log().contains("file system mounted on") {
-                return Ok(up);
+            if self.log().contains("file system mounted on") {
+                return Ok(self);
             }
-            assert!(Instant::now() < deadline, "not mounted after 30 s: {}", up.log());
+            assert!(Instant::now() < deadline, "not mounted after 30 s: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -64,13 +68,17 @@ impl Up {
     }
 
     fn spawn(dir: &Path, image: &Path, mount: &Path) -> Up {
+        Self::spawn_sized(dir, image, mount, "256m")
+    }
+
+    fn spawn_sized(dir: &Path, image: &Path, mount: &Path, size: &str) -> Up {
         let socket = dir.join("up.sock");
         let _ = std::fs::remove_file(&socket);
         let mut child = Command::new(BIN)
             .arg("up")
             .arg("--image")
             .arg(image)
-            .args(["--size", "256m", "--mount"])
+            .args(["--size", size, "--mount"])
             .arg(mount)
             .arg("-r")
             .arg(&socket)
@@ -93,6 +101,17 @@ impl Up {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "up exited with {status}: {}", self.log());
         assert!(!mounted(&self.mount), "still mounted after down");
+        assert!(self.log().contains("blobstore unloaded"), "no clean unload: {}", self.log());
+    }
+
+    /// Stops the server with a signal (Ctrl-C is SIGINT); it must unmount
+    /// and unload as `down` does.
+    fn signal(mut self, signal: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "up exited with {status} on signal {signal}: {}", self.log());
+        assert!(!mounted(&self.mount), "still mounted after signal {signal}");
         assert!(self.log().contains("blobstore unloaded"), "no clean unload: {}", self.log());
     }
 
@@ -217,6 +236,185 @@ fn posix_errors_come_back_through_the_mount() {
     assert_eq!(errno_of(std::fs::remove_file(mnt.join("missing"))), libc::ENOENT);
     assert_eq!(errno_of(std::fs::hard_link(mnt.join("dir"), mnt.join("dir2"))), libc::EPERM);
     assert_eq!(errno_of(std::fs::rename(mnt.join("dir"), mnt.join("dir/sub"))), libc::EINVAL);
+    up.down();
+}
+
+#[test]
+fn ctrl_c_and_sigterm_unmount_and_stop_cleanly() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let up = Up::start(dir.path(), &image, &mnt).unwrap();
+        std::fs::write(mnt.join(format!("f{signal}")), b"kept").unwrap();
+        up.signal(signal);
+    }
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    assert_eq!(std::fs::read(mnt.join(format!("f{}", libc::SIGINT))).unwrap(), b"kept");
+    assert_eq!(std::fs::read(mnt.join(format!("f{}", libc::SIGTERM))).unwrap(), b"kept");
+    up.down();
+}
+
+#[test]
+fn bad_images_are_refused_with_their_reason() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    // An image on a file system without O_DIRECT (ramfs): refused, and not left behind.
+    let ramfs = dir.path().join("ramfs");
+    std::fs::create_dir(&ramfs).unwrap();
+    let ok = Command::new("mount").args(["-t", "ramfs", "ramfs"]).arg(&ramfs).status().unwrap();
+    assert!(ok.success(), "mounting a ramfs");
+    let err = Up::refused(dir.path(), &ramfs.join("disk.img"), &mnt);
+    let _ = Command::new("umount").arg(&ramfs).status();
+    assert!(err.contains("does not support O_DIRECT"), "{err}");
+    assert!(err.contains("opening the image"), "{err}");
+
+    // Both copies of the blobstore's super block damaged: refused, and named.
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    std::fs::write(mnt.join("f"), b"data").unwrap();
+    up.down();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).unwrap();
+    for page in [0u64, 4096] {
+        let mut p = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut p, page).unwrap();
+        p[100..140].iter_mut().for_each(|b| *b ^= 0x5a);
+        std::os::unix::fs::FileExt::write_all_at(&f, &p, page).unwrap();
+    }
+    let err = Up::refused(dir.path(), &image, &mnt);
+    assert!(err.contains("holds no ClaudeFS blobstore") && err.contains("checksum mismatch"), "{err}");
+    assert!(!mounted(&mnt));
+    // Random bytes where an image belongs: refused, never formatted over.
+    let junk: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&image, &junk).unwrap();
+    let err = Up::refused(dir.path(), &image, &mnt);
+    assert!(err.contains("no metadata page here"), "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), junk, "the image is untouched");
+}
+
+#[test]
+fn processes_creating_renaming_and_appending_in_one_directory_see_a_consistent_tree() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    // Four shells at once, each: create, rename, append to one shared log.
+    let script = r#"for i in $(seq 1 150); do
+        printf "%s-%s
+" "$1" "$i" > "d/tmp-$1-$i"
+        mv "d/tmp-$1-$i" "d/f-$1-$i"
+        printf "%s-%s
+" "$1" "$i" >> d/shared
+        [ $((i % 10)) -eq 0 ] && rm "d/f-$1-$((i - 5))"
+    done"#;
+    let children: Vec<Child> = (0..4)
+        .map(|p| {
+            Command::new("sh").arg("-c").arg(script).arg("sh").arg(p.to_string()).current_dir(&mnt).spawn().unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(mnt.join("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    let mut want = vec!["shared".to_string()];
+    for p in 0..4 {
+        for i in 1..=150 {
+            if i % 10 != 5 {
+                want.push(format!("f-{p}-{i}"));
+            }
+        }
+    }
+    want.sort();
+    assert_eq!(names, want);
+    for name in want.iter().filter(|n| n.starts_with("f-")) {
+        let body = std::fs::read_to_string(mnt.join("d").join(name)).unwrap();
+        assert_eq!(
+            body,
+            format!(
+                "{}
+",
+                &name[2..]
+            ),
+            "{name}"
+        );
+    }
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(mnt.join("d/shared")).unwrap().lines().map(String::from).collect();
+    lines.sort();
+    let mut appended: Vec<String> = (0..4).flat_map(|p| (1..=150).map(move |i| format!("{p}-{i}"))).collect();
+    appended.sort();
+    assert_eq!(lines, appended, "every append landed once, none overwrote another");
+    up.down();
+}
+
+#[test]
+fn stress_ng_filesystem_stressors_run_without_errors() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let Some(stress) = ["/usr/bin/stress-ng", "/usr/local/bin/stress-ng"].into_iter().find(|p| Path::new(p).exists())
+    else {
+        eprintln!("skipping: stress-ng is not installed (hack/deps.sh test installs it)");
+        return;
+    };
+    let up = Up::spawn_sized(dir.path(), &image, &mnt, "2g");
+    let up = up.wait_mounted().unwrap();
+    // The file system class, one stressor after another, a second each.
+    // binderfs is not a file system test (it mounts one of its own, which
+    // this kernel lacks); fiemap and verity skip themselves on FUSE.
+    let out = Command::new(stress)
+        .args(["--class", "filesystem", "--sequential", "1", "--timeout", "1", "--verify", "--metrics-brief"])
+        .args(["--exclude", "binderfs"])
+        .arg("--temp-path")
+        .arg(&mnt)
+        .current_dir(&mnt)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let failed: Vec<&str> = text.lines().filter(|l| l.contains("fail:") || l.contains("error:")).collect();
+    assert!(
+        out.status.success() && failed.is_empty(),
+        "stress-ng: {}
+{}",
+        out.status,
+        failed.join(
+            "
+"
+        )
+    );
+    assert!(text.contains("successful run completed"), "{text}");
+    std::fs::write(mnt.join("after"), b"still fine").unwrap();
+    up.down();
+}
+
+#[test]
+fn a_full_device_says_enospc_keeps_what_was_written_and_deleting_frees_space() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let up = Up::spawn_sized(dir.path(), &image, &mnt, "96m").wait_mounted().unwrap();
+    let block = vec![0xabu8; 1 << 20];
+    let mut written = 0usize;
+    let err = loop {
+        let path = mnt.join(format!("f{written}"));
+        let r = std::fs::File::create(&path).and_then(|mut f| {
+            f.write_all(&block)?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 200, "a 96 MiB image took 200 MiB");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written > 30, "only {written} MiB fit in 96 MiB");
+    for i in 0..written {
+        assert_eq!(std::fs::read(mnt.join(format!("f{i}"))).unwrap(), block, "f{i} after ENOSPC");
+    }
+    for i in 0..written {
+        std::fs::remove_file(mnt.join(format!("f{i}"))).unwrap();
+    }
+    let _ = std::fs::remove_file(mnt.join(format!("f{written}")));
+    for i in 0..written / 2 {
+        std::fs::write(mnt.join(format!("g{i}")), &block).unwrap();
+    }
+    up.down();
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    assert_eq!(std::fs::read(mnt.join("g0")).unwrap(), block);
     up.down();
 }
 

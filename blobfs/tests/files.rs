@@ -66,6 +66,12 @@ impl Fx {
         self.run(move |fs| Box::pin(async move { fs.setattr(ino, set, Time(11)).await })).unwrap();
     }
 
+    fn fallocate(&mut self, ino: Ino, offset: u64, len: u64, mode: i32) -> Result<u64, Errno> {
+        self.run(move |fs| {
+            Box::pin(async move { fs.fallocate(ino, offset, len, mode, Time(13)).await.map(|a| a.size) })
+        })
+    }
+
     fn apply(&mut self, cmd: Cmd) -> Result<Reply, Errno> {
         self.run(move |fs| Box::pin(async move { fs.apply(cmd).await }))
     }
@@ -80,18 +86,48 @@ fn model_write(model: &mut Vec<u8>, offset: u64, data: &[u8]) {
     model[offset as usize..end].copy_from_slice(data);
 }
 
+/// Applies a fallocate to the model file.
+fn model_fallocate(model: &mut Vec<u8>, offset: u64, len: u64, mode: i32) {
+    let end = (offset + len) as usize;
+    if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && model.len() < end {
+        model.resize(end, 0);
+    }
+    if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+        let to = end.min(model.len());
+        if (offset as usize) < to {
+            model[offset as usize..to].fill(0);
+        }
+    }
+}
+
+const FALLOCATE_MODES: [i32; 5] = [
+    0,
+    libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_ZERO_RANGE,
+    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+];
+
 #[test]
-fn random_writes_truncates_and_reads_match_a_model_and_survive_a_restart() {
+fn random_writes_truncates_fallocates_and_reads_match_a_model_and_survive_a_restart() {
     let mut fx = Fx::new(64);
     let ino = fx.create("f");
     let mut model = Vec::new();
     let mut rng = fastrand::Rng::with_seed(7);
-    for step in 0..200u64 {
-        match rng.u8(..10) {
+    for step in 0..300u64 {
+        match rng.u8(..12) {
             0 => {
                 let size = rng.u64(..6 * CHUNK);
                 fx.truncate(ino, size);
                 model.resize(size as usize, 0);
+            }
+            1 => {
+                // Ranges inside one chunk, across several, and past the end.
+                let (offset, len) = (rng.u64(..8 * CHUNK), rng.u64(1..3 * CHUNK));
+                let mode = FALLOCATE_MODES[rng.usize(..FALLOCATE_MODES.len())];
+                let size = fx.fallocate(ino, offset, len, mode).unwrap();
+                model_fallocate(&mut model, offset, len, mode);
+                assert_eq!(size, model.len() as u64, "size after fallocate {mode:#x} at step {step}");
             }
             _ => {
                 // Offsets inside and across chunks, sometimes far past the end (a hole).
@@ -162,4 +198,81 @@ fn a_full_pool_says_enospc_and_deleting_makes_room() {
     let b = fx.create("b");
     fx.write(b, 0, block.clone()).unwrap();
     assert_eq!(fx.read(b, 0, block.len()), block);
+}
+
+#[test]
+fn fallocate_punches_holes_that_free_space_and_refuses_what_it_cannot_do() {
+    let mut fx = Fx::new(16);
+    let ino = fx.create("f");
+    fx.write(ino, 0, vec![7; 6 * CHUNK as usize]).unwrap();
+    let (_, free_before) = fx.fs.space();
+    // Chunks 1..5 wholly inside, half of chunk 0 and of chunk 5 at the edges.
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(fx.fallocate(ino, CHUNK / 2, 5 * CHUNK, punch).unwrap(), 6 * CHUNK);
+    assert!(fx.fs.space().1 >= free_before + 4 * CHUNK / 4096, "four whole chunks are free again");
+    let data = fx.read(ino, 0, 6 * CHUNK as usize);
+    assert!(data[..CHUNK as usize / 2].iter().all(|&b| b == 7));
+    assert!(data[CHUNK as usize / 2..11 * CHUNK as usize / 2].iter().all(|&b| b == 0));
+    assert!(data[11 * CHUNK as usize / 2..].iter().all(|&b| b == 7));
+
+    // Modes we do not do, punching without KEEP_SIZE, an empty range, a
+    // size past the largest file, more than the device holds.
+    assert_eq!(fx.fallocate(ino, 0, 1, libc::FALLOC_FL_COLLAPSE_RANGE), Err(Errno::EOPNOTSUPP));
+    assert_eq!(fx.fallocate(ino, 0, 1, libc::FALLOC_FL_PUNCH_HOLE), Err(Errno::EOPNOTSUPP));
+    assert_eq!(fx.fallocate(ino, 0, 0, 0), Err(Errno::EINVAL));
+    assert_eq!(fx.fallocate(ino, u64::MAX / 2, u64::MAX / 2, 0), Err(Errno::EFBIG));
+    assert_eq!(fx.fallocate(ino, 0, 1 << 30, 0), Err(Errno::ENOSPC));
+    assert_eq!(fx.fallocate(ROOT, 0, 1, 0), Err(Errno::EISDIR));
+    assert_eq!(fx.read(ino, 0, 16).len(), 16, "a refused fallocate changes nothing");
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
+}
+
+#[test]
+fn a_store_full_of_metadata_says_enospc_and_unlinking_everything_still_works() {
+    // Only metadata: every create is a record of the log, and the log
+    // fills the store. The unlinks after must not run out of room.
+    let mut fx = Fx::new(8);
+    let mut made = 0u32;
+    let err = loop {
+        let cmd = Cmd::Mknod {
+            parent: ROOT,
+            name: format!("f{made}").into(),
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+            by: BY,
+        };
+        match fx.apply(cmd) {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 100_000, "an 8 MiB store took 100,000 creates");
+    };
+    assert_eq!(err, Errno::ENOSPC);
+    for i in 0..made {
+        fx.apply(Cmd::Unlink { parent: ROOT, name: format!("f{i}").into(), now: Time(30) })
+            .unwrap_or_else(|e| panic!("unlink {i} of {made}: {e:?}"));
+    }
+    // Room again, once the snapshot has let the log shrink.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ino = loop {
+        match fx.apply(Cmd::Mknod {
+            parent: ROOT,
+            name: b"again".to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+            by: BY,
+        }) {
+            Ok(Reply::Entry(a)) => break a.ino,
+            Ok(r) => panic!("{r:?}"),
+            Err(e) => {
+                assert_eq!(e, Errno::ENOSPC);
+                assert!(std::time::Instant::now() < deadline, "no room 30 s after deleting everything");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
+    fx.write(ino, 0, vec![3; 4096]).unwrap();
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
 }

@@ -64,7 +64,7 @@ pub enum BdevError {
     FileMissing(PathBuf),
     /// The file system refuses O_DIRECT.
     #[error(
-        "the file system holding {0} does not support O_DIRECT (tmpfs does not, for one): put the image on \
+        "the file system holding {0} does not support O_DIRECT (ramfs does not, nor tmpfs before Linux 6.6): put the image on \
          ext4/xfs/btrfs, or on a loop device (`losetup --direct-io=on`), or pass `\"direct\": false` to use the page cache"
     )]
     NoDirectIo(PathBuf),

@@ -182,6 +182,20 @@ pub enum Cmd {
         /// When (mtime and ctime).
         now: Time,
     },
+    /// Zeroes a range of a file without changing its size (fallocate's
+    /// punch-hole and zero-range): chunks wholly inside the range are
+    /// unmapped, the chunks at its edges replaced by copies with the range
+    /// zeroed.
+    Punch {
+        /// The file.
+        ino: Ino,
+        /// Chunk indexes unmapped (holes now).
+        holes: Vec<u64>,
+        /// Chunk index and the copy replacing it.
+        chunks: Vec<(u64, ChunkRef)>,
+        /// When (mtime and ctime).
+        now: Time,
+    },
     /// Frees orphans: inodes without links that nobody has open any more
     /// (after the last close, or at start-up for those a crash left behind).
     Reclaim {

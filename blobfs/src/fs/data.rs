@@ -8,9 +8,11 @@
 //! again: nothing leaks and nothing is half-written.
 //!
 //! The pool is thin and as large as the store; its clusters are allocated
-//! as data first lands in them. A few clusters of the store stay out of its
-//! reach ([`METADATA_RESERVE`]): the metadata log and snapshots grow into
+//! as data first lands in them. Some clusters of the store stay out of its
+//! reach ([`metadata_reserve`]): the metadata log and snapshots grow into
 //! them, so a file system full of data still takes the unlinks that free it.
+//! Of that reserve, the last half is for commands that free space (see
+//! [`DataPool::metadata_space_low`]).
 //!
 //! Freed pages are not reused while a read that may still be reading them
 //! is in flight: each read holds a ticket of the allocator's sequence, and a
@@ -26,13 +28,20 @@ use super::{ChunkRef, Errno};
 use crate::format::PAGE_SIZE;
 use crate::{BlobIo, BlobShared, Blobstore};
 
-/// Clusters of the store kept for metadata: the pool does not start using a
-/// new cluster when fewer than this many would remain free.
-pub const METADATA_RESERVE: u64 = 16;
+/// Clusters of a store of `total` clusters of `cluster_size` bytes kept for
+/// metadata (the pool does not start using a new cluster when fewer would
+/// remain free): a sixteenth of the store, at least 16 clusters, at most
+/// 256 MiB. The metadata log takes up to about twice
+/// [`super::raft::MetaOptions::snapshot_every`] pages between snapshots.
+pub fn metadata_reserve(total: u64, cluster_size: u64) -> u64 {
+    (total / 16).min((256 << 20) / cluster_size).max(16)
+}
 
 /// The pool blob's pages and which of them are in use.
 pub struct DataPool {
     store: Blobstore,
+    /// Clusters kept for metadata ([`metadata_reserve`]).
+    reserve: u64,
     blob: Arc<BlobShared>,
     reactors: Vec<ReactorHandle>,
     next_reactor: AtomicUsize,
@@ -194,7 +203,8 @@ impl DataPool {
             }
             alloc.set(c, true);
         }
-        Ok(DataPool { store, blob, reactors, next_reactor: AtomicUsize::new(0), alloc: Mutex::new(alloc) })
+        let reserve = metadata_reserve(blob.num_clusters(), u64::from(store.cluster_size()));
+        Ok(DataPool { store, blob, reactors, next_reactor: AtomicUsize::new(0), alloc: Mutex::new(alloc), reserve })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PageAlloc> {
@@ -203,6 +213,12 @@ impl DataPool {
 
     fn reactor(&self) -> &ReactorHandle {
         &self.reactors[self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len()]
+    }
+
+    /// Whether the store is down to the last half of the metadata reserve:
+    /// what is left there is for commands that free space.
+    pub fn metadata_space_low(&self) -> bool {
+        self.store.free_clusters() < self.reserve / 2
     }
 
     /// Pages in the pool, and pages free.
@@ -217,7 +233,7 @@ impl DataPool {
         let page = a.find(u64::from(pages)).ok_or(Errno::ENOSPC)?;
         let new = a.unbacked(page, u64::from(pages));
         if !new.is_empty() {
-            if self.store.free_clusters() < new.len() as u64 + METADATA_RESERVE {
+            if self.store.free_clusters() < new.len() as u64 + self.reserve {
                 return Err(Errno::ENOSPC);
             }
             for c in new {

@@ -28,6 +28,8 @@ pub struct FileSystem {
     open: Mutex<HashMap<Ino, u32>>,
     /// The pool blob, open until [`FileSystem::shutdown`].
     pool: super::HeldBlob,
+    /// A snapshot to make room is under way.
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FileSystem {
@@ -62,6 +64,7 @@ impl FileSystem {
             writers: Mutex::default(),
             open: Mutex::default(),
             pool: super::HeldBlob::new(handle),
+            compacting: Arc::default(),
         };
         let orphans: Vec<Ino> = fs.meta.orphans().into_iter().collect();
         if !orphans.is_empty() {
@@ -84,6 +87,24 @@ impl FileSystem {
     /// Applies a metadata command and does what its reply asks: frees the
     /// chunks it let go of, reclaims the orphans nobody has open.
     pub async fn apply(&self, cmd: Cmd) -> Result<Reply, Errno> {
+        // The metadata log needs store space too: near the end, only what
+        // frees space (or moves it) gets any.
+        let frees = matches!(
+            cmd,
+            Cmd::Unlink { .. }
+                | Cmd::Rmdir { .. }
+                | Cmd::Rename { .. }
+                | Cmd::SetAttr { .. }
+                | Cmd::RemoveXattr { .. }
+                | Cmd::Punch { .. }
+                | Cmd::Reclaim { .. }
+        );
+        if self.data.metadata_space_low() {
+            self.compact();
+            if !frees {
+                return Err(Errno::ENOSPC);
+            }
+        }
         let reply = self.meta.write(cmd).await?;
         match &reply {
             Reply::Attr(_, freed) | Reply::Freed(freed) => self.data.free(freed.iter().copied()),
@@ -97,6 +118,22 @@ impl FileSystem {
             Reply::Entry(_) | Reply::Done => {}
         }
         Ok(reply)
+    }
+
+    /// Starts a snapshot (unless one is under way): the log before it can
+    /// then go, and the log's next rotation gives its space back.
+    fn compact(&self) {
+        if self.compacting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!("the store is nearly full: taking a metadata snapshot to shrink the log");
+        let (meta, flag) = (self.meta.clone(), self.compacting.clone());
+        tokio::spawn(async move {
+            if let Err(e) = meta.snapshot().await {
+                tracing::error!("metadata snapshot for space failed: {e:?}");
+            }
+            flag.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     async fn reclaim(&self, inos: Vec<Ino>) -> Result<(), Errno> {
@@ -211,35 +248,154 @@ impl FileSystem {
                 let (from, to) = (offset.max(start) - start, end.min(start + cs) - start);
                 // What the chunk holds now: data up to the file's end, zeros after.
                 let valid = size.saturating_sub(start).min(cs);
-                let len = valid.max(to);
-                let mut buf = vec![0u8; len as usize];
-                if let Some(&c) = old.get(&index)
-                    && (from > 0 || to < valid)
-                {
-                    self.data.read(c, &mut buf[..valid as usize]).await?;
-                }
-                buf[from as usize..to as usize]
-                    .copy_from_slice(&data[(start + from - offset) as usize..(start + to - offset) as usize]);
-                let chunk = self.data.alloc(len.div_ceil(PAGE_SIZE as u64) as u32)?;
+                let keep = if from > 0 || to < valid { valid } else { 0 };
+                let src = &data[(start + from - offset) as usize..(start + to - offset) as usize];
+                let chunk = self
+                    .rewrite(old.get(&index).copied(), keep, valid.max(to), |buf| {
+                        buf[from as usize..to as usize].copy_from_slice(src)
+                    })
+                    .await?;
                 written.push((index, chunk));
-                self.data.write(chunk, &buf).await?;
             }
             Ok::<_, Errno>(())
         }
         .await;
-        if let Err(e) = result {
-            self.data.free(written.iter().map(|&(_, c)| c));
+        self.map_written(result, written, |chunks| Cmd::Write { ino, chunks, end, now }).await
+    }
+
+    /// A new chunk of `len` bytes: the first `keep` bytes of `old` (zeros
+    /// where it has none), changed by `edit`, written to fresh pages.
+    async fn rewrite(
+        &self,
+        old: Option<ChunkRef>,
+        keep: u64,
+        len: u64,
+        edit: impl FnOnce(&mut [u8]),
+    ) -> Result<ChunkRef, Errno> {
+        let mut buf = vec![0u8; len as usize];
+        if let Some(c) = old
+            && keep > 0
+        {
+            self.data.read(c, &mut buf[..keep as usize]).await?;
+        }
+        edit(&mut buf);
+        let chunk = self.data.alloc(len.div_ceil(PAGE_SIZE as u64) as u32)?;
+        if let Err(e) = self.data.write(chunk, &buf).await {
+            self.data.free([chunk]);
             return Err(e);
         }
-        let chunks = written.clone();
-        match self.apply(Cmd::Write { ino, chunks, end, now }).await {
+        Ok(chunk)
+    }
+
+    /// Maps freshly written `chunks` by the command `cmd` makes of them,
+    /// unless writing them failed (`written`); pages left unmapped either
+    /// way are free again.
+    async fn map_written(
+        &self,
+        written: Result<(), Errno>,
+        chunks: Vec<(u64, ChunkRef)>,
+        cmd: impl FnOnce(Vec<(u64, ChunkRef)>) -> Cmd,
+    ) -> Result<Attr, Errno> {
+        let pages: Vec<ChunkRef> = chunks.iter().map(|&(_, c)| c).collect();
+        let result = match written {
+            Ok(()) => self.apply(cmd(chunks)).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(Reply::Attr(a, _)) => Ok(a),
-            Ok(r) => unreachable!("a write replies with attributes, not {r:?}"),
+            Ok(r) => unreachable!("a mapping command replies with attributes, not {r:?}"),
             Err(e) => {
-                self.data.free(written.into_iter().map(|(_, c)| c));
+                self.data.free(pages);
                 Err(e)
             }
         }
+    }
+
+    /// fallocate(2). Modes: 0 and `FALLOC_FL_KEEP_SIZE` check that the
+    /// range's holes fit in the free space and (without KEEP_SIZE) grow the
+    /// size — no pages are reserved, as every write goes to fresh pages
+    /// anyway (docs/fs.md); `FALLOC_FL_PUNCH_HOLE` (with KEEP_SIZE) frees
+    /// the range, which reads as zeros after; `FALLOC_FL_ZERO_RANGE` zeroes
+    /// it, growing the size unless KEEP_SIZE. Other modes: EOPNOTSUPP.
+    pub async fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, now: Time) -> Result<Attr, Errno> {
+        use libc::{FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO};
+        if mode & !(KEEP | PUNCH | ZERO) != 0 || mode & PUNCH != 0 && mode & (ZERO | KEEP) != KEEP {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = offset.checked_add(len).filter(|&e| e <= super::types::FILE_SIZE_MAX).ok_or(Errno::EFBIG)?;
+        let lock = self.writer(ino);
+        let _guard = lock.lock().await;
+        let cs = self.chunk_size;
+        let (size, old) = self.meta.read(|s| {
+            let a = s.getattr(ino)?;
+            match a.kind {
+                super::FileKind::File => {}
+                super::FileKind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(Errno::ENODEV),
+            }
+            let old: HashMap<u64, ChunkRef> = s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect();
+            Ok((a.size, old))
+        })?;
+        let mut attr = None;
+        if mode & (PUNCH | ZERO) != 0 {
+            attr = Some(self.zero_range(ino, offset, end.min(size), size, &old, now).await?);
+        } else {
+            // The pages the range's holes would take.
+            let needed: u64 = (offset / cs..end.div_ceil(cs))
+                .filter(|i| !old.contains_key(i))
+                .map(|i| (end.min((i + 1) * cs) - i * cs).div_ceil(PAGE_SIZE as u64))
+                .sum();
+            if needed > self.data.space().1 {
+                return Err(Errno::ENOSPC);
+            }
+        }
+        if mode & KEEP == 0 && end > size {
+            let set = SetAttr { size: Some(end), ..Default::default() };
+            return match self.apply(Cmd::SetAttr { ino, set, now }).await? {
+                Reply::Attr(a, _) => Ok(a),
+                r => unreachable!("setattr replies with attributes, not {r:?}"),
+            };
+        }
+        match attr {
+            Some(a) => Ok(a),
+            None => self.meta.read(|s| s.getattr(ino).cloned()),
+        }
+    }
+
+    /// Zeroes `[offset, end)` of a file of `size` bytes whose chunks there
+    /// are `old`: whole chunks become holes, the edges are rewritten.
+    async fn zero_range(
+        &self,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        size: u64,
+        old: &HashMap<u64, ChunkRef>,
+        now: Time,
+    ) -> Result<Attr, Errno> {
+        let cs = self.chunk_size;
+        let (mut holes, mut written) = (Vec::new(), Vec::new());
+        let result = async {
+            for index in (offset / cs..end.div_ceil(cs)).filter(|i| old.contains_key(i)) {
+                let start = index * cs;
+                let valid = size.saturating_sub(start).min(cs);
+                let (from, to) = (offset.max(start) - start, (end - start).min(valid));
+                if from == 0 && to == valid {
+                    holes.push(index);
+                } else {
+                    let chunk = self
+                        .rewrite(Some(old[&index]), valid, valid, |buf| buf[from as usize..to as usize].fill(0))
+                        .await?;
+                    written.push((index, chunk));
+                }
+            }
+            Ok::<_, Errno>(())
+        }
+        .await;
+        self.map_written(result, written, |chunks| Cmd::Punch { ino, holes, chunks, now }).await
     }
 
     /// Changes attributes; a size that cuts into a chunk rewrites that chunk
@@ -259,14 +415,8 @@ impl FileSystem {
                 Ok(s.chunks(ino, size / cs)?.next().filter(|&(i, _)| i == size / cs))
             })?;
             if let Some((index, old)) = cut {
-                let mut buf = vec![0u8; within_len(size, cs) as usize];
-                let n = buf.len().min(old.pages as usize * PAGE_SIZE);
-                self.data.read(old, &mut buf[..n]).await?;
-                let chunk = self.data.alloc(buf.len().div_ceil(PAGE_SIZE) as u32)?;
-                if let Err(e) = self.data.write(chunk, &buf).await {
-                    self.data.free([chunk]);
-                    return Err(e);
-                }
+                let len = within_len(size, cs);
+                let chunk = self.rewrite(Some(old), len, len, |_| {}).await?;
                 tail = Some(chunk);
                 set.tail = Some((index, chunk));
             }

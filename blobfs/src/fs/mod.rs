@@ -35,6 +35,17 @@ impl HeldBlob {
         HeldBlob(tokio::sync::Mutex::new(Some(blob)))
     }
 
+    /// Puts `new` in the place of the blob held now; returns that one
+    /// (`None` once closed: then `new` is closed at once).
+    pub(crate) async fn replace(&self, new: crate::Blob) -> Result<Option<crate::Blob>, crate::BlobError> {
+        let mut held = self.0.lock().await;
+        if held.is_none() {
+            new.close().await?;
+            return Ok(None);
+        }
+        Ok(held.replace(new))
+    }
+
     /// Closes the blob (`what` names it in the log); later calls do nothing.
     pub(crate) async fn close(&self, what: &str) -> Result<(), Errno> {
         match self.0.lock().await.take() {

@@ -300,6 +300,7 @@ impl MetaState {
                 Ok(Reply::Done)
             }
             Cmd::Write { ino, chunks, end, now } => self.write(*ino, chunks, *end, *now),
+            Cmd::Punch { ino, holes, chunks, now } => self.punch(*ino, holes, chunks, *now),
             Cmd::Reclaim { inos } => {
                 let mut freed = Vec::new();
                 for ino in inos {
@@ -733,18 +734,33 @@ impl MetaState {
         if end > FILE_SIZE_MAX {
             return Err(Errno::EFBIG);
         }
+        self.remap(ino, &[], chunks, end, now)
+    }
+
+    fn punch(&mut self, ino: Ino, holes: &[u64], chunks: &[(u64, ChunkRef)], now: Time) -> Result<Reply, Errno> {
+        self.remap(ino, holes, chunks, 0, now)
+    }
+
+    /// Unmaps `holes`, maps `chunks`, grows the size to at least `end`;
+    /// replies with what was unmapped or replaced.
+    fn remap(
+        &mut self,
+        ino: Ino,
+        holes: &[u64],
+        chunks: &[(u64, ChunkRef)],
+        end: u64,
+        now: Time,
+    ) -> Result<Reply, Errno> {
         let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         let Body::File { chunks: map } = &mut inode.body else {
             return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
         };
-        let mut freed = Vec::new();
+        let mut freed: Vec<ChunkRef> = holes.iter().filter_map(|i| map.remove(i)).collect();
         for &(index, chunk) in chunks {
             self.usage.data_pages += u64::from(chunk.pages);
-            if let Some(old) = map.insert(index, chunk) {
-                self.usage.data_pages -= u64::from(old.pages);
-                freed.push(old);
-            }
+            freed.extend(map.insert(index, chunk));
         }
+        self.usage.data_pages -= freed.iter().map(|c| u64::from(c.pages)).sum::<u64>();
         let a = &mut inode.attr;
         a.size = a.size.max(end);
         a.mtime = now;

@@ -69,6 +69,8 @@ impl Errno {
     pub const EIO: Errno = Errno(libc::EIO);
     /// Stale file handle (an inode number that no longer exists).
     pub const ESTALE: Errno = Errno(libc::ESTALE);
+    /// Not a regular file (fallocate of a device node, fifo, socket).
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
 }
 
 impl std::fmt::Debug for Errno {

@@ -22,6 +22,19 @@
 //! A writer task writes whatever records have queued up as one request and
 //! flushes (group commit). Whether an append is reported to Raft as durable
 //! at once or only after its flush is the [`Durability`] policy.
+//!
+//! **Rotation.** A purge (after a snapshot) lets go of entries, but their
+//! records stay in the blob. Once the blob has grown to `rotate_at` pages,
+//! the writer starts a new blob with one `Base` record holding the whole
+//! log as it is now (vote, last purged id, entries), then switches the root
+//! blob's `claudefs.fs.log` xattr to it and deletes the old blob; the next
+//! rotation comes at twice the new blob's size (at least [`ROTATE_MIN`]
+//! pages), so rotations cost at most half again the log's writes. The base
+//! may already hold changes whose records are still queued; those records
+//! follow it in the new blob and replaying them again changes nothing (each
+//! sets or removes entries, so the last record touching an index decides).
+//! A crash before the switch leaves the old log in place; the xattr
+//! `claudefs.fs.log.discard` names the blob to delete at the next open.
 
 // openraft's StorageError (large) is what every storage method returns.
 #![allow(clippy::result_large_err)]
@@ -44,6 +57,8 @@ const MAGIC: &[u8; 4] = b"CFLR";
 const HEADER: usize = 16;
 /// The most pages replay reads per request.
 const READ_PAGES: u64 = 256;
+/// The smallest log blob that is rotated (pages: 8 MiB).
+pub const ROTATE_MIN: u64 = 2048;
 
 /// When an append counts as durable for Raft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +82,36 @@ enum Record {
     /// Entries up to and including this one are gone.
     Purge(LogId<u64>),
     Vote(Vote<u64>),
+    /// The whole log, first in a rotated blob.
+    Base {
+        vote: Option<Vote<u64>>,
+        purged: Option<LogId<u64>>,
+        entries: Vec<Entry<TypeConfig>>,
+    },
+}
+
+impl Record {
+    /// The record's bytes, its chain and CRC still blank (see [`Writer::seal`]).
+    fn encode(&self) -> Result<Vec<u8>> {
+        let payload = postcard::to_stdvec(self).map_err(write_err)?;
+        let mut bytes = Vec::with_capacity((HEADER + payload.len()).next_multiple_of(PAGE_SIZE));
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&payload);
+        bytes.resize(bytes.len().next_multiple_of(PAGE_SIZE), 0);
+        Ok(bytes)
+    }
+}
+
+/// Where the log lives: its blob, held open, and the root blob naming it.
+pub(crate) struct Place {
+    /// The file system's root blob.
+    pub(crate) root: u64,
+    /// The log blob.
+    pub(crate) blob: Arc<BlobShared>,
+    /// Its handle, which [`super::MetaRaft::shutdown`] closes.
+    pub(crate) held: Arc<crate::fs::HeldBlob>,
 }
 
 type Result<T> = std::result::Result<T, StorageError<u64>>;
@@ -101,26 +146,41 @@ struct Job {
 /// The log blob's writer: where the next record goes and the CRC it chains to.
 struct Writer {
     store: Blobstore,
-    blob: Arc<BlobShared>,
+    place: Place,
     next_page: u64,
     prev_crc: u32,
+    /// Rotate once the blob holds this many pages.
+    rotate_at: u64,
+    /// Below this many free clusters in the store, rotate as soon as a
+    /// purge has let go of part of the blob.
+    low_space: u64,
+    /// The last purge the blob's records start after.
+    base_purged: Option<LogId<u64>>,
+    /// The log's state (for a rotation's base record).
+    inner: Arc<Mutex<Inner>>,
 }
 
 impl LogStore {
     /// Opens the log in `blob` (a thin blob; empty for a new log), replays
     /// it, and starts its writer task on the current tokio runtime.
-    pub async fn open(
+    pub(crate) async fn open(
         store: Blobstore,
-        blob: Arc<BlobShared>,
+        place: Place,
         durability: Durability,
     ) -> std::result::Result<LogStore, crate::BlobError> {
         let mut inner = Inner { entries: BTreeMap::new(), purged: None, vote: None, queued: 0 };
-        let (next_page, prev_crc) = replay(&store, &blob, &mut inner).await?;
+        let (next_page, prev_crc) = replay(&store, &place.blob, &mut inner).await?;
+        let inner = Arc::new(Mutex::new(inner));
         let (queue, jobs) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(0);
-        let writer = Writer { store, blob, next_page, prev_crc };
+        let rotate_at = ROTATE_MIN.max(2 * next_page);
+        let total = place.blob.num_clusters().max(store.stats().await?.total_clusters);
+        let low_space = crate::fs::data::metadata_reserve(total, u64::from(store.cluster_size()));
+        let base_purged = inner.lock().unwrap_or_else(|p| p.into_inner()).purged;
+        let writer =
+            Writer { store, place, next_page, prev_crc, rotate_at, low_space, base_purged, inner: inner.clone() };
         tokio::spawn(writer.run(jobs, durable_tx));
-        Ok(LogStore { inner: Arc::new(Mutex::new(inner)), queue, durable, durability })
+        Ok(LogStore { inner, queue, durable, durability })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -129,13 +189,7 @@ impl LogStore {
 
     /// Queues a record; returns its number (for [`LogStore::wait_durable`]).
     fn queue(&self, inner: &mut Inner, record: &Record, flushed: Option<LogFlushed<TypeConfig>>) -> Result<u64> {
-        let payload = postcard::to_stdvec(record).map_err(write_err)?;
-        let mut bytes = Vec::with_capacity((HEADER + payload.len()).next_multiple_of(PAGE_SIZE));
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&[0; 8]); // chain and CRC, filled in by the writer
-        bytes.extend_from_slice(&payload);
-        bytes.resize(bytes.len().next_multiple_of(PAGE_SIZE), 0);
+        let bytes = record.encode()?;
         inner.queued += 1;
         let n = inner.queued;
         self.queue.send(Job { bytes, flushed }).map_err(|_| write_err(std::io::Error::other("log writer stopped")))?;
@@ -191,33 +245,104 @@ impl Writer {
                 }
             }
             let _ = durable.send(done);
+            if self.should_rotate()
+                && let Err(e) = self.rotate().await
+            {
+                // The old blob stays in use; the next batch tries again.
+                tracing::error!("metadata log: rotating the log blob failed: {e}");
+                self.rotate_at = self.next_page + ROTATE_MIN;
+            }
         }
+    }
+
+    fn should_rotate(&self) -> bool {
+        self.next_page >= self.rotate_at
+            || self.store.free_clusters() < self.low_space
+                && self.inner.lock().unwrap_or_else(|p| p.into_inner()).purged != self.base_purged
+    }
+
+    /// Moves the log to a new blob holding it as one `Base` record.
+    async fn rotate(&mut self) -> std::result::Result<(), crate::BlobError> {
+        let (s, root) = (self.store.clone(), self.place.root);
+        let (base, purged) = {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let entries = inner.entries.values().cloned().collect();
+            (Record::Base { vote: inner.vote, purged: inner.purged, entries }, inner.purged)
+        };
+        let mut bytes = base.encode().map_err(|e| crate::BlobError::MetaGroup(e.to_string()))?;
+        let crc = seal(&mut bytes, 0);
+        let pages = (bytes.len() / PAGE_SIZE) as u64;
+        let clusters = pages.div_ceil(s.pages_per_cluster()).max(16);
+        let new =
+            s.create_blob(crate::BlobOptions { num_clusters: clusters, thin: true, ..Default::default() }).await?;
+        s.sync_blob(new).await?;
+        // Should a crash come before the switch, the next open deletes it.
+        s.set_xattr(root, super::LOG_DISCARD_XATTR, &new.to_le_bytes()).await?;
+        s.sync_blob(root).await?;
+        let handle = s.open_blob(new).await?;
+        let blob = handle.shared().clone();
+        if let Err(e) = write_pages(&s, &blob, 0, &bytes).await {
+            let _ = handle.close().await;
+            return Err(e);
+        }
+        // The switch: from here on the new blob is the log.
+        let old = self.place.blob.id();
+        s.set_xattr(root, super::LOG_XATTR, &new.to_le_bytes()).await?;
+        s.set_xattr(root, super::LOG_DISCARD_XATTR, &old.to_le_bytes()).await?;
+        s.sync_blob(root).await?;
+        tracing::info!("metadata log rotated: {} pages in blob {old} became {pages} in blob {new}", self.next_page);
+        self.place.blob = blob;
+        self.next_page = pages;
+        self.prev_crc = crc;
+        self.rotate_at = ROTATE_MIN.max(2 * pages);
+        self.base_purged = purged;
+        if let Some(old_handle) = self.place.held.replace(handle).await? {
+            old_handle.close().await?;
+        }
+        s.delete_blob(old).await?;
+        s.remove_xattr(root, super::LOG_DISCARD_XATTR).await?;
+        s.sync_blob(root).await
     }
 
     /// Fills in a record's chain and CRC; returns the CRC.
     fn seal(&self, rec: &mut [u8]) -> u32 {
-        rec[8..12].copy_from_slice(&self.prev_crc.to_le_bytes());
-        let len = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes")) as usize;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..12]), &rec[HEADER..HEADER + len]);
-        rec[12..16].copy_from_slice(&crc.to_le_bytes());
-        crc
+        seal(rec, self.prev_crc)
     }
 
     async fn write(&self, page: u64, bytes: &[u8]) -> std::result::Result<(), crate::BlobError> {
-        let needed = (page + (bytes.len() / PAGE_SIZE) as u64).div_ceil(self.store.pages_per_cluster());
-        if needed > self.blob.num_clusters() {
-            // Grow by half again, at least what is needed.
-            let grown = needed.max(self.blob.num_clusters() * 3 / 2).max(16);
-            self.store.resize_blob(self.blob.id(), grown).await?;
-            self.store.sync_blob(self.blob.id()).await?;
-        }
-        let home = self.store.home().clone();
-        let buf = pmd::DmaBuf::copy_from(bytes)?;
-        let c = self.store.io(&home, BlobIo::write(&self.blob, page, buf, 0)).await?;
-        c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))?;
-        let c = self.store.io(&home, BlobIo::flush(&self.blob, 0)).await?;
-        c.status.map_err(|e| crate::BlobError::io("flushing the metadata log".to_string(), e))
+        write_pages(&self.store, &self.place.blob, page, bytes).await
     }
+}
+
+/// Fills in a record's chain (`prev`) and CRC; returns the CRC.
+fn seal(rec: &mut [u8], prev: u32) -> u32 {
+    rec[8..12].copy_from_slice(&prev.to_le_bytes());
+    let len = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes")) as usize;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..12]), &rec[HEADER..HEADER + len]);
+    rec[12..16].copy_from_slice(&crc.to_le_bytes());
+    crc
+}
+
+/// Writes whole pages of the log blob (growing it as needed) and flushes.
+async fn write_pages(
+    store: &Blobstore,
+    blob: &Arc<BlobShared>,
+    page: u64,
+    bytes: &[u8],
+) -> std::result::Result<(), crate::BlobError> {
+    let needed = (page + (bytes.len() / PAGE_SIZE) as u64).div_ceil(store.pages_per_cluster());
+    if needed > blob.num_clusters() {
+        // Grow by half again, at least what is needed.
+        let grown = needed.max(blob.num_clusters() * 3 / 2).max(16);
+        store.resize_blob(blob.id(), grown).await?;
+        store.sync_blob(blob.id()).await?;
+    }
+    let home = store.home().clone();
+    let buf = pmd::DmaBuf::copy_from(bytes)?;
+    let c = store.io(&home, BlobIo::write(blob, page, buf, 0)).await?;
+    c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))?;
+    let c = store.io(&home, BlobIo::flush(blob, 0)).await?;
+    c.status.map_err(|e| crate::BlobError::io("flushing the metadata log".to_string(), e))
 }
 
 /// Reads the log blob's records into `inner`; returns where the next record
@@ -275,6 +400,11 @@ async fn replay(
                 inner.purged = Some(upto);
             }
             Record::Vote(v) => inner.vote = Some(v),
+            Record::Base { vote, purged, entries } => {
+                inner.vote = vote;
+                inner.purged = purged;
+                inner.entries = entries.into_iter().map(|e| (e.log_id.index, e)).collect();
+            }
         }
         prev_crc = crc;
         page += pages;

@@ -39,6 +39,9 @@ openraft::declare_raft_types!(
 
 /// The root blob's xattr naming the log blob.
 const LOG_XATTR: &str = "claudefs.fs.log";
+/// The root blob's xattr naming a log blob to delete: the one a rotation
+/// left behind, or the half-written one of a rotation a crash cut short.
+const LOG_DISCARD_XATTR: &str = "claudefs.fs.log.discard";
 /// The root blob's xattr with the file system's chunk size (set at mkfs).
 const CHUNK_XATTR: &str = "claudefs.fs.chunk_size";
 
@@ -69,7 +72,7 @@ pub struct MetaOptions {
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        MetaOptions { durability: Durability::WriteBehind, snapshot_every: 100_000, chunk_size: 1 << 20 }
+        MetaOptions { durability: Durability::WriteBehind, snapshot_every: 10_000, chunk_size: 1 << 20 }
     }
 }
 
@@ -113,10 +116,22 @@ impl MetaRaft {
                 b
             }
         };
+        if let Some(stale) = xattr_u64(&xattrs, LOG_DISCARD_XATTR)?.filter(|&b| b != log_blob) {
+            tracing::info!("deleting metadata log blob {stale}, which a log rotation left behind");
+            match store.delete_blob(stale).await {
+                Ok(()) | Err(BlobError::NoSuchBlob(_)) => {}
+                Err(e) => return Err(e),
+            }
+            store.remove_xattr(root, LOG_DISCARD_XATTR).await?;
+            store.sync_blob(root).await?;
+        }
         let now = Time(wall_clock_ns());
         let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, now)).await?;
         let log_handle = store.open_blob(log_blob).await?;
-        let log = LogStore::open(store.clone(), log_handle.shared().clone(), opts.durability).await?;
+        let shared = log_handle.shared().clone();
+        let held = Arc::new(super::HeldBlob::new(log_handle));
+        let log = LogStore::open(store.clone(), log::Place { root, blob: shared, held: held.clone() }, opts.durability)
+            .await?;
         let config = Config {
             cluster_name: "claudefs-meta".into(),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
@@ -135,7 +150,7 @@ impl MetaRaft {
         if fresh || log.last_index().is_none() {
             raft.initialize(members).await.map_err(|e| BlobError::MetaGroup(format!("initializing: {e}")))?;
         }
-        let me = MetaRaft { raft, state, log, log_blob: Arc::new(super::HeldBlob::new(log_handle)) };
+        let me = MetaRaft { raft, state, log, log_blob: held };
         me.catch_up().await?;
         Ok(me)
     }
