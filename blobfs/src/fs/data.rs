@@ -46,6 +46,11 @@ pub struct DataPool {
     reactors: Vec<ReactorHandle>,
     next_reactor: AtomicUsize,
     alloc: Mutex<PageAlloc>,
+    /// Records of the metadata log durable so far (see [`DataPool::free_after`]).
+    durable: tokio::sync::watch::Receiver<u64>,
+    /// Set after each data write: the metadata log flushes before its next
+    /// record.
+    written: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct PageAlloc {
@@ -64,6 +69,9 @@ struct PageAlloc {
     reads: BTreeMap<u64, u32>,
     /// Frees waiting for older reads: (sequence, chunk).
     deferred: Vec<(u64, ChunkRef)>,
+    /// Frees waiting for the log record of the command that made them:
+    /// (record, chunk).
+    unlogged: Vec<(u64, ChunkRef)>,
 }
 
 /// A read in flight; freed pages stay untouched until it is dropped.
@@ -97,6 +105,7 @@ impl PageAlloc {
             seq: 0,
             reads: BTreeMap::new(),
             deferred: Vec::new(),
+            unlogged: Vec::new(),
         }
     }
 
@@ -184,12 +193,15 @@ impl PageAlloc {
 
 impl DataPool {
     /// A pool over `blob`, with the pages of `used` chunks in use. Requests
-    /// run on `reactors` in turn.
+    /// run on `reactors` in turn; `durable` counts the metadata log's
+    /// durable records, `written` is set after each data write.
     pub fn new(
         store: Blobstore,
         blob: Arc<BlobShared>,
         reactors: Vec<ReactorHandle>,
         used: impl IntoIterator<Item = ChunkRef>,
+        durable: tokio::sync::watch::Receiver<u64>,
+        written: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<DataPool, Errno> {
         assert!(!reactors.is_empty(), "a data pool needs a reactor");
         let pages = blob.num_clusters() * store.pages_per_cluster();
@@ -204,11 +216,32 @@ impl DataPool {
             alloc.set(c, true);
         }
         let reserve = metadata_reserve(blob.num_clusters(), u64::from(store.cluster_size()));
-        Ok(DataPool { store, blob, reactors, next_reactor: AtomicUsize::new(0), alloc: Mutex::new(alloc), reserve })
+        Ok(DataPool {
+            store,
+            blob,
+            reactors,
+            next_reactor: AtomicUsize::new(0),
+            alloc: Mutex::new(alloc),
+            reserve,
+            durable,
+            written,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PageAlloc> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        if !a.unlogged.is_empty() {
+            let durable = *self.durable.borrow();
+            let (ready, wait): (Vec<_>, Vec<_>) = a.unlogged.drain(..).partition(|&(r, _)| r <= durable);
+            a.unlogged = wait;
+            if !ready.is_empty() {
+                a.seq += 1;
+                let seq = a.seq;
+                a.deferred.extend(ready.into_iter().map(|(_, c)| (seq, c)));
+                a.release_deferred();
+            }
+        }
+        a
     }
 
     fn reactor(&self) -> &ReactorHandle {
@@ -246,7 +279,17 @@ impl DataPool {
         Ok(c)
     }
 
-    /// Frees chunks once no read that began before now can still read them.
+    /// Frees chunks that a metadata command let go of, once that command's
+    /// log `record` is durable (and no read that began before can still
+    /// read them). Before that, a crash would bring back the map pointing
+    /// at them: they must not be written over.
+    pub fn free_after(&self, record: u64, chunks: impl IntoIterator<Item = ChunkRef>) {
+        let mut a = self.lock();
+        a.unlogged.extend(chunks.into_iter().map(|c| (record, c)));
+    }
+
+    /// Frees chunks no durable map names (written, never mapped) once no
+    /// read that began before now can still read them.
     pub fn free(&self, chunks: impl IntoIterator<Item = ChunkRef>) {
         let mut a = self.lock();
         a.seq += 1;
@@ -286,7 +329,9 @@ impl DataPool {
         done.status.map_err(|e| {
             tracing::error!("writing file data at pool page {} failed: {e}", c.page);
             Errno(e.errno())
-        })
+        })?;
+        self.written.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Makes every completed data write durable.

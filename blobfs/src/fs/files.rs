@@ -55,7 +55,7 @@ impl FileSystem {
         let handle = store.open_blob(pool).await?;
         let blob = handle.shared().clone();
         let (chunk_size, used) = meta.read(|s| (s.chunk_size(), s.all_chunks().collect::<Vec<_>>()));
-        let data = DataPool::new(store.clone(), blob, reactors, used)
+        let data = DataPool::new(store.clone(), blob, reactors, used, meta.durable_records(), meta.data_written())
             .map_err(|e| BlobError::corrupt(format!("file system on {}", store.bdev_name()), e))?;
         let fs = FileSystem {
             meta,
@@ -107,7 +107,9 @@ impl FileSystem {
         }
         let reply = self.meta.write(cmd).await?;
         match &reply {
-            Reply::Attr(_, freed) | Reply::Freed(freed) => self.data.free(freed.iter().copied()),
+            Reply::Attr(_, freed) | Reply::Freed(freed) => {
+                self.data.free_after(self.meta.log_position(), freed.iter().copied())
+            }
             Reply::Removed { orphaned } => {
                 let closed: Vec<Ino> = {
                     let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,7 +143,7 @@ impl FileSystem {
             return Ok(());
         }
         if let Reply::Freed(freed) = self.meta.write(Cmd::Reclaim { inos }).await? {
-            self.data.free(freed);
+            self.data.free_after(self.meta.log_position(), freed);
         }
         Ok(())
     }

@@ -42,6 +42,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -128,6 +129,7 @@ pub struct LogStore {
     /// Records durable so far (a count, in queue order).
     durable: watch::Receiver<u64>,
     durability: Durability,
+    data_written: Arc<AtomicBool>,
 }
 
 struct Inner {
@@ -158,6 +160,8 @@ struct Writer {
     base_purged: Option<LogId<u64>>,
     /// The log's state (for a rotation's base record).
     inner: Arc<Mutex<Inner>>,
+    /// Set when file data has been written since the last flush.
+    data_written: Arc<AtomicBool>,
 }
 
 impl LogStore {
@@ -177,10 +181,20 @@ impl LogStore {
         let total = place.blob.num_clusters().max(store.stats().await?.total_clusters);
         let low_space = crate::fs::data::metadata_reserve(total, u64::from(store.cluster_size()));
         let base_purged = inner.lock().unwrap_or_else(|p| p.into_inner()).purged;
-        let writer =
-            Writer { store, place, next_page, prev_crc, rotate_at, low_space, base_purged, inner: inner.clone() };
+        let data_written = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            store,
+            place,
+            next_page,
+            prev_crc,
+            rotate_at,
+            low_space,
+            base_purged,
+            inner: inner.clone(),
+            data_written: data_written.clone(),
+        };
         tokio::spawn(writer.run(jobs, durable_tx));
-        Ok(LogStore { inner, queue, durable, durability })
+        Ok(LogStore { inner, queue, durable, durability, data_written })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -200,6 +214,24 @@ impl LogStore {
         let mut durable = self.durable.clone();
         durable.wait_for(|&d| d >= n).await.map_err(|_| write_err(std::io::Error::other("log writer failed")))?;
         Ok(())
+    }
+
+    /// Records queued so far.
+    pub fn queued(&self) -> u64 {
+        self.lock().queued
+    }
+
+    /// Records durable so far.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    /// The flag the data path sets after each write of file data: the
+    /// writer then flushes before its next records, so that no record is
+    /// durable while the data it maps is not (a device may keep a later
+    /// write and lose an earlier one, unless a flush stands between them).
+    pub fn data_written(&self) -> Arc<AtomicBool> {
+        self.data_written.clone()
     }
 
     /// Waits until every record queued so far is durable (what `fsync` needs).
@@ -227,7 +259,14 @@ impl Writer {
                 bytes.append(&mut job.bytes);
             }
             let pages = (bytes.len() / PAGE_SIZE) as u64;
-            if let Err(e) = self.write(self.next_page, &bytes).await {
+            let mut result = Ok(());
+            if self.data_written.swap(false, Ordering::AcqRel) {
+                result = flush(&self.store, &self.place.blob).await;
+            }
+            if let Err(e) = match result {
+                Ok(()) => self.write(self.next_page, &bytes).await,
+                Err(e) => Err(e),
+            } {
                 tracing::error!("metadata log: writing {pages} pages at page {} failed: {e}", self.next_page);
                 for job in batch.drain(..) {
                     if let Some(f) = job.flushed {
@@ -341,7 +380,12 @@ async fn write_pages(
     let buf = pmd::DmaBuf::copy_from(bytes)?;
     let c = store.io(&home, BlobIo::write(blob, page, buf, 0)).await?;
     c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))?;
-    let c = store.io(&home, BlobIo::flush(blob, 0)).await?;
+    flush(store, blob).await
+}
+
+/// Flushes the device under the log blob.
+async fn flush(store: &Blobstore, blob: &Arc<BlobShared>) -> std::result::Result<(), crate::BlobError> {
+    let c = store.io(store.home(), BlobIo::flush(blob, 0)).await?;
     c.status.map_err(|e| crate::BlobError::io("flushing the metadata log".to_string(), e))
 }
 

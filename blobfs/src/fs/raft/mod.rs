@@ -44,6 +44,9 @@ const LOG_XATTR: &str = "claudefs.fs.log";
 const LOG_DISCARD_XATTR: &str = "claudefs.fs.log.discard";
 /// The root blob's xattr with the file system's chunk size (set at mkfs).
 const CHUNK_XATTR: &str = "claudefs.fs.chunk_size";
+/// The root blob's xattr with the time the file system was made (ns): the
+/// root directory's times in the state the log replays onto.
+const BORN_XATTR: &str = "claudefs.fs.born";
 
 /// This server's id in the group.
 const NODE: u64 = 1;
@@ -96,6 +99,7 @@ impl MetaRaft {
             None => {
                 let root = store.create_blob(BlobOptions::default()).await?;
                 store.set_xattr(root, CHUNK_XATTR, &opts.chunk_size.to_le_bytes()).await?;
+                store.set_xattr(root, BORN_XATTR, &wall_clock_ns().to_le_bytes()).await?;
                 store.sync_blob(root).await?;
                 store.set_super(Some(root)).await?;
                 (root, true)
@@ -125,8 +129,8 @@ impl MetaRaft {
             store.remove_xattr(root, LOG_DISCARD_XATTR).await?;
             store.sync_blob(root).await?;
         }
-        let now = Time(wall_clock_ns());
-        let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, now)).await?;
+        let born = Time(xattr_u64(&xattrs, BORN_XATTR)?.map_or_else(wall_clock_ns, |t| t as i64));
+        let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, born)).await?;
         let log_handle = store.open_blob(log_blob).await?;
         let shared = log_handle.shared().clone();
         let held = Arc::new(super::HeldBlob::new(log_handle));
@@ -197,6 +201,23 @@ impl MetaRaft {
             tracing::error!("metadata sync failed: {e}");
             Errno::EIO
         })
+    }
+
+    /// Records queued to the log so far: every command that has returned
+    /// is in one of them.
+    pub fn log_position(&self) -> u64 {
+        self.log.queued()
+    }
+
+    /// Records of the log durable so far (rises to [`MetaRaft::log_position`]).
+    pub fn durable_records(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log.durable()
+    }
+
+    /// The flag the data path sets after writing file data (see
+    /// [`LogStore::data_written`]).
+    pub fn data_written(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.log.data_written()
     }
 
     /// Takes a snapshot now (and lets go of the log before it).
