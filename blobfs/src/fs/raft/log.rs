@@ -321,7 +321,10 @@ impl Writer {
         let handle = s.open_blob(new).await?;
         let blob = handle.shared().clone();
         if let Err(e) = write_pages(&s, &blob, 0, &bytes).await {
-            let _ = handle.close().await;
+            // Not the log: gone now, or at the next open if this fails too.
+            if handle.close().await.is_ok() && s.delete_blob(new).await.is_ok() {
+                let _ = s.remove_xattr(root, super::LOG_DISCARD_XATTR).await;
+            }
             return Err(e);
         }
         // The switch: from here on the new blob is the log.
