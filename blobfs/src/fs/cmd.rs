@@ -182,6 +182,13 @@ pub enum Cmd {
         /// When (mtime and ctime).
         now: Time,
     },
+    /// Frees orphans: inodes without links that nobody has open any more
+    /// (after the last close, or at start-up for those a crash left behind).
+    Reclaim {
+        /// The inodes.
+        inos: Vec<Ino>,
+    },
+    // New variants go last: the log stores the variant's index.
     /// Zeroes a range of a file without changing its size (fallocate's
     /// punch-hole and zero-range): chunks wholly inside the range are
     /// unmapped, the chunks at its edges replaced by copies with the range
@@ -195,12 +202,6 @@ pub enum Cmd {
         chunks: Vec<(u64, ChunkRef)>,
         /// When (mtime and ctime).
         now: Time,
-    },
-    /// Frees orphans: inodes without links that nobody has open any more
-    /// (after the last close, or at start-up for those a crash left behind).
-    Reclaim {
-        /// The inodes.
-        inos: Vec<Ino>,
     },
 }
 
