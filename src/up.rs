@@ -74,20 +74,26 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         uring["size"] = json!(args.size);
     }
     let format = created || never_written(&args.image)?;
-    let call = |method: &str, params: serde_json::Value| ConfigCall { method: method.into(), params: Some(params) };
-    let calls = vec![
-        ConfigCall { method: "framework_start_init".into(), params: None },
-        call("bdev_uring_create", uring),
-        call(if format { "blobstore_create" } else { "blobstore_load" }, json!({ "bdev_name": "Uring0" })),
-        call("fs_mount", json!({ "bdev_name": "Uring0", "mountpoint": args.mount })),
-    ];
-    // What each call is, in the words of a failure.
-    let steps = [
-        "starting the server".to_string(),
-        format!("opening the image {}", args.image.display()),
-        format!("{} the file system on {}", if format { "formatting" } else { "loading" }, args.image.display()),
-        format!("mounting on {}", args.mount.display()),
-    ];
+    // Each call, with what it is in the words of a failure.
+    let call = |method: &str, params: Option<serde_json::Value>, step: String| {
+        (ConfigCall { method: method.into(), params }, step)
+    };
+    let (calls, steps): (Vec<ConfigCall>, Vec<String>) = [
+        call("framework_start_init", None, "starting the server".into()),
+        call("bdev_uring_create", Some(uring), format!("opening the image {}", args.image.display())),
+        call(
+            if format { "blobstore_create" } else { "blobstore_load" },
+            Some(json!({ "bdev_name": "Uring0" })),
+            format!("{} the file system on {}", if format { "formatting" } else { "loading" }, args.image.display()),
+        ),
+        call(
+            "fs_mount",
+            Some(json!({ "bdev_name": "Uring0", "mountpoint": args.mount })),
+            format!("mounting on {}", args.mount.display()),
+        ),
+    ]
+    .into_iter()
+    .unzip();
     let server = ServerArgs {
         config: None,
         mask: args.mask,

@@ -181,6 +181,14 @@ impl PageAlloc {
         None
     }
 
+    /// Frees chunks once no read that began before now can still read them.
+    fn free(&mut self, chunks: impl IntoIterator<Item = ChunkRef>) {
+        self.seq += 1;
+        let seq = self.seq;
+        self.deferred.extend(chunks.into_iter().map(|c| (seq, c)));
+        self.release_deferred();
+    }
+
     fn release_deferred(&mut self) {
         let oldest = self.reads.keys().next().copied().unwrap_or(u64::MAX);
         let (ready, wait): (Vec<_>, Vec<_>) = self.deferred.drain(..).partition(|&(seq, _)| seq <= oldest);
@@ -235,10 +243,7 @@ impl DataPool {
             let (ready, wait): (Vec<_>, Vec<_>) = a.unlogged.drain(..).partition(|&(r, _)| r <= durable);
             a.unlogged = wait;
             if !ready.is_empty() {
-                a.seq += 1;
-                let seq = a.seq;
-                a.deferred.extend(ready.into_iter().map(|(_, c)| (seq, c)));
-                a.release_deferred();
+                a.free(ready.into_iter().map(|(_, c)| c));
             }
         }
         a
@@ -291,11 +296,7 @@ impl DataPool {
     /// Frees chunks no durable map names (written, never mapped) once no
     /// read that began before now can still read them.
     pub fn free(&self, chunks: impl IntoIterator<Item = ChunkRef>) {
-        let mut a = self.lock();
-        a.seq += 1;
-        let seq = a.seq;
-        a.deferred.extend(chunks.into_iter().map(|c| (seq, c)));
-        a.release_deferred();
+        self.lock().free(chunks);
     }
 
     /// A ticket for a read about to start.

@@ -235,14 +235,7 @@ impl FileSystem {
         if data.is_empty() {
             return self.meta.read(|s| s.getattr(ino).cloned());
         }
-        let (size, old) = self.meta.read(|s| {
-            let a = s.getattr(ino)?;
-            if a.kind != super::FileKind::File {
-                return Err(if a.kind == super::FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
-            }
-            let old: HashMap<u64, ChunkRef> = s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect();
-            Ok((a.size, old))
-        })?;
+        let (size, old) = self.file_chunks(ino, offset, end, Errno::EINVAL)?;
         let mut written: Vec<(u64, ChunkRef)> = Vec::new();
         let result = async {
             for index in offset / cs..end.div_ceil(cs) {
@@ -263,6 +256,27 @@ impl FileSystem {
         }
         .await;
         self.map_written(result, written, |chunks| Cmd::Write { ino, chunks, end, now }).await
+    }
+
+    /// A regular file's size and its chunks overlapping `[offset, end)`;
+    /// a directory is EISDIR, anything else `not_a_file`.
+    fn file_chunks(
+        &self,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        not_a_file: Errno,
+    ) -> Result<(u64, HashMap<u64, ChunkRef>), Errno> {
+        let cs = self.chunk_size;
+        self.meta.read(|s| {
+            let a = s.getattr(ino)?;
+            match a.kind {
+                super::FileKind::File => {}
+                super::FileKind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(not_a_file),
+            }
+            Ok((a.size, s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect()))
+        })
     }
 
     /// A new chunk of `len` bytes: the first `keep` bytes of `old` (zeros
@@ -303,14 +317,7 @@ impl FileSystem {
             Ok(()) => self.apply(cmd(chunks)).await,
             Err(e) => Err(e),
         };
-        match result {
-            Ok(Reply::Attr(a, _)) => Ok(a),
-            Ok(r) => unreachable!("a mapping command replies with attributes, not {r:?}"),
-            Err(e) => {
-                self.data.free(pages);
-                Err(e)
-            }
-        }
+        result.map(attributes).inspect_err(|_| self.data.free(pages))
     }
 
     /// fallocate(2). Modes: 0 and `FALLOC_FL_KEEP_SIZE` check that the
@@ -331,16 +338,7 @@ impl FileSystem {
         let lock = self.writer(ino);
         let _guard = lock.lock().await;
         let cs = self.chunk_size;
-        let (size, old) = self.meta.read(|s| {
-            let a = s.getattr(ino)?;
-            match a.kind {
-                super::FileKind::File => {}
-                super::FileKind::Dir => return Err(Errno::EISDIR),
-                _ => return Err(Errno::ENODEV),
-            }
-            let old: HashMap<u64, ChunkRef> = s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect();
-            Ok((a.size, old))
-        })?;
+        let (size, old) = self.file_chunks(ino, offset, end, Errno::ENODEV)?;
         let mut attr = None;
         if mode & (PUNCH | ZERO) != 0 {
             attr = Some(self.zero_range(ino, offset, end.min(size), size, &old, now).await?);
@@ -356,10 +354,7 @@ impl FileSystem {
         }
         if mode & KEEP == 0 && end > size {
             let set = SetAttr { size: Some(end), ..Default::default() };
-            return match self.apply(Cmd::SetAttr { ino, set, now }).await? {
-                Reply::Attr(a, _) => Ok(a),
-                r => unreachable!("setattr replies with attributes, not {r:?}"),
-            };
+            return self.apply(Cmd::SetAttr { ino, set, now }).await.map(attributes);
         }
         match attr {
             Some(a) => Ok(a),
@@ -423,14 +418,7 @@ impl FileSystem {
                 set.tail = Some((index, chunk));
             }
         }
-        match self.apply(Cmd::SetAttr { ino, set, now }).await {
-            Ok(Reply::Attr(a, _)) => Ok(a),
-            Ok(r) => unreachable!("setattr replies with attributes, not {r:?}"),
-            Err(e) => {
-                self.data.free(tail);
-                Err(e)
-            }
-        }
+        self.apply(Cmd::SetAttr { ino, set, now }).await.map(attributes).inspect_err(|_| self.data.free(tail))
     }
 
     /// Makes everything written so far durable: file data, then metadata
@@ -446,6 +434,15 @@ impl FileSystem {
         self.sync().await?;
         self.meta.shutdown().await?;
         self.pool.close("data pool").await
+    }
+}
+
+/// The attributes a command changing one inode (write, setattr, punch)
+/// replies with.
+fn attributes(reply: Reply) -> Attr {
+    match reply {
+        Reply::Attr(a, _) => a,
+        r => unreachable!("a command changing one inode replies with attributes, not {r:?}"),
     }
 }
 

@@ -92,7 +92,7 @@ enum Record {
 }
 
 impl Record {
-    /// The record's bytes, its chain and CRC still blank (see [`Writer::seal`]).
+    /// The record's bytes, its chain and CRC still blank (see [`seal`]).
     fn encode(&self) -> Result<Vec<u8>> {
         let payload = postcard::to_stdvec(self).map_err(write_err)?;
         let mut bytes = Vec::with_capacity((HEADER + payload.len()).next_multiple_of(PAGE_SIZE));
@@ -178,7 +178,7 @@ impl LogStore {
         let (queue, jobs) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(0);
         let rotate_at = ROTATE_MIN.max(2 * next_page);
-        let total = place.blob.num_clusters().max(store.stats().await?.total_clusters);
+        let total = store.stats().await?.total_clusters;
         let low_space = crate::fs::data::metadata_reserve(total, u64::from(store.cluster_size()));
         let base_purged = inner.lock().unwrap_or_else(|p| p.into_inner()).purged;
         let data_written = Arc::new(AtomicBool::new(false));
@@ -254,19 +254,19 @@ impl Writer {
         while jobs.recv_many(&mut batch, 1024).await > 0 {
             let mut bytes = Vec::new();
             for job in &mut batch {
-                let crc = self.seal(&mut job.bytes);
+                let crc = seal(&mut job.bytes, self.prev_crc);
                 self.prev_crc = crc;
                 bytes.append(&mut job.bytes);
             }
             let pages = (bytes.len() / PAGE_SIZE) as u64;
-            let mut result = Ok(());
-            if self.data_written.swap(false, Ordering::AcqRel) {
-                result = flush(&self.store, &self.place.blob).await;
+            let written = async {
+                if self.data_written.swap(false, Ordering::AcqRel) {
+                    flush(&self.store, &self.place.blob).await?;
+                }
+                write_pages(&self.store, &self.place.blob, self.next_page, &bytes).await
             }
-            if let Err(e) = match result {
-                Ok(()) => self.write(self.next_page, &bytes).await,
-                Err(e) => Err(e),
-            } {
+            .await;
+            if let Err(e) = written {
                 tracing::error!("metadata log: writing {pages} pages at page {} failed: {e}", self.next_page);
                 for job in batch.drain(..) {
                     if let Some(f) = job.flushed {
@@ -344,15 +344,6 @@ impl Writer {
         s.delete_blob(old).await?;
         s.remove_xattr(root, super::LOG_DISCARD_XATTR).await?;
         s.sync_blob(root).await
-    }
-
-    /// Fills in a record's chain and CRC; returns the CRC.
-    fn seal(&self, rec: &mut [u8]) -> u32 {
-        seal(rec, self.prev_crc)
-    }
-
-    async fn write(&self, page: u64, bytes: &[u8]) -> std::result::Result<(), crate::BlobError> {
-        write_pages(&self.store, &self.place.blob, page, bytes).await
     }
 }
 
