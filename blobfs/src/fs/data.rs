@@ -293,6 +293,12 @@ impl DataPool {
         a.unlogged.extend(chunks.into_iter().map(|c| (record, c)));
     }
 
+    /// Whether frees are waiting for their commands' log records (a
+    /// metadata sync would free them).
+    pub fn frees_waiting(&self) -> bool {
+        !self.lock().unlogged.is_empty()
+    }
+
     /// Frees chunks no durable map names (written, never mapped) once no
     /// read that began before now can still read them.
     pub fn free(&self, chunks: impl IntoIterator<Item = ChunkRef>) {

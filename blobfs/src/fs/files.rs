@@ -295,7 +295,16 @@ impl FileSystem {
             self.data.read(c, &mut buf[..keep as usize]).await?;
         }
         edit(&mut buf);
-        let chunk = self.data.alloc(len.div_ceil(PAGE_SIZE as u64) as u32)?;
+        let pages = len.div_ceil(PAGE_SIZE as u64) as u32;
+        let chunk = match self.data.alloc(pages) {
+            // Space a delete let go of comes back once the delete is
+            // durable: wait for that rather than fail.
+            Err(Errno::ENOSPC) if self.data.frees_waiting() => {
+                self.meta.sync().await?;
+                self.data.alloc(pages)?
+            }
+            r => r?,
+        };
         if let Err(e) = self.data.write(chunk, &buf).await {
             self.data.free([chunk]);
             return Err(e);
