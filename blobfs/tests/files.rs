@@ -9,8 +9,10 @@ use blobfs::fs::{Cmd, Creator, Errno, FileKind, FileSystem, Ino, ROOT, Reply, Se
 use common::{Harness, pattern};
 
 const BY: Creator = Creator { uid: 0, gid: 0, now: Time(5) };
-/// Small chunks, so that requests cross them.
+/// The scale of requests: several map units of either size below.
 const CHUNK: u64 = 16 * 1024;
+/// The map unit of a new file system.
+const UNIT: u64 = 4096;
 
 struct Fx {
     h: Harness,
@@ -18,26 +20,34 @@ struct Fx {
     fs: std::sync::Arc<FileSystem>,
     store: Blobstore,
     bdev: String,
+    unit: u64,
 }
 
 impl Fx {
     fn new(mib: u64) -> Fx {
-        Self::on(mib, false)
+        Self::on(mib, false, UNIT)
     }
 
     /// On a malloc bdev of `mib` MiB, behind a crash bdev if `crash` (which
-    /// serves one channel: then one reactor).
-    fn on(mib: u64, crash: bool) -> Fx {
+    /// serves one channel: then one reactor), with map units of `unit`.
+    fn on(mib: u64, crash: bool, unit: u64) -> Fx {
         let (mut h, bdev) = Harness::with_malloc(if crash { 1 } else { 2 }, mib, crash);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let store = h.format(&bdev, 64 * 1024, None);
-        let fs = Self::open_fs(&mut h, &rt, &store);
-        Fx { h, rt, fs, store, bdev }
+        let fs = Self::open_fs(&mut h, &rt, &store, unit);
+        Fx { h, rt, fs, store, bdev, unit }
     }
 
-    fn open_fs(h: &mut Harness, rt: &tokio::runtime::Runtime, store: &Blobstore) -> std::sync::Arc<FileSystem> {
+    /// Opens (making it, with map units of `unit`, if there is none) the
+    /// file system on `store`.
+    fn open_fs(
+        h: &mut Harness,
+        rt: &tokio::runtime::Runtime,
+        store: &Blobstore,
+        unit: u64,
+    ) -> std::sync::Arc<FileSystem> {
         let (s, reactors) = (store.clone(), h.reactors.iter().map(|r| r.handle()).collect());
-        let opts = MetaOptions { chunk_size: CHUNK, ..Default::default() };
+        let opts = MetaOptions { chunk_size: unit, ..Default::default() };
         std::sync::Arc::new(
             h.run(rt.spawn(async move { FileSystem::open(&s, reactors, opts).await })).unwrap().unwrap(),
         )
@@ -116,7 +126,17 @@ const FALLOCATE_MODES: [i32; 5] = [
 
 #[test]
 fn random_writes_truncates_fallocates_and_reads_match_a_model_and_survive_a_restart() {
-    let mut fx = Fx::new(64);
+    model_test(UNIT);
+}
+
+/// Units of several pages, as file systems made before extents have (1 MiB).
+#[test]
+fn the_model_holds_with_units_of_several_pages() {
+    model_test(CHUNK);
+}
+
+fn model_test(unit: u64) {
+    let mut fx = Fx::on(64, false, unit);
     let ino = fx.create("f");
     let mut model = Vec::new();
     let mut rng = fastrand::Rng::with_seed(7);
@@ -135,10 +155,14 @@ fn random_writes_truncates_fallocates_and_reads_match_a_model_and_survive_a_rest
                 model_fallocate(&mut model, offset, len, mode);
                 assert_eq!(size, model.len() as u64, "size after fallocate {mode:#x} at step {step}");
             }
-            _ => {
-                // Offsets inside and across chunks, sometimes far past the end (a hole).
-                let offset = rng.u64(..8 * CHUNK);
-                let data = pattern(step, rng.usize(1..3 * CHUNK as usize));
+            n => {
+                // Offsets inside and across units, sometimes far past the
+                // end (a hole); a third of them of whole pages.
+                let (mut offset, mut len) = (rng.u64(..8 * CHUNK), rng.usize(1..3 * CHUNK as usize));
+                if n % 3 == 0 {
+                    (offset, len) = (offset / 4096 * 4096, len.next_multiple_of(4096));
+                }
+                let data = pattern(step, len);
                 let size = fx.write(ino, offset, data.clone()).unwrap();
                 model_write(&mut model, offset, &data);
                 assert_eq!(size, model.len() as u64, "size after step {step}");
@@ -161,9 +185,49 @@ fn random_writes_truncates_fallocates_and_reads_match_a_model_and_survive_a_rest
     }))
     .unwrap();
     let (store, _) = fx.h.load(&fx.bdev).unwrap();
-    fx.fs = Fx::open_fs(&mut fx.h, &fx.rt, &store);
+    fx.fs = Fx::open_fs(&mut fx.h, &fx.rt, &store, fx.unit);
     fx.store = store;
     assert_eq!(fx.read(ino, 0, model.len() + 10), model);
+}
+
+/// Writes of whole pages run side by side, writes of parts of pages wait for
+/// each other: neighbours that share a page must not lose each other's bytes.
+#[test]
+fn concurrent_writes_to_one_file_lose_nothing() {
+    let mut fx = Fx::new(64);
+    let ino = fx.create("f");
+    // 24 writers of 3000 bytes side by side (sharing pages), 24 of whole
+    // pages in the second half, all at once, three rounds.
+    const PARTS: u64 = 24;
+    let half = PARTS * 3000usize.next_multiple_of(4096) as u64;
+    let mut model = vec![0u8; (half + PARTS * 8192) as usize];
+    for round in 0..3u64 {
+        let mut writes = Vec::new();
+        for i in 0..PARTS {
+            writes.push((i * 3000, pattern(round * 100 + i, 3000)));
+            writes.push((half + i * 8192, pattern(round * 100 + 50 + i, 8192)));
+        }
+        fastrand::Rng::with_seed(round).shuffle(&mut writes);
+        for (offset, data) in &writes {
+            model_write(&mut model, *offset, data);
+        }
+        fx.run(move |fs| {
+            Box::pin(async move {
+                let tasks: Vec<_> = writes
+                    .into_iter()
+                    .map(|(offset, data)| {
+                        let fs = fs.clone();
+                        tokio::spawn(async move { fs.write(ino, offset, &data, Time(9)).await })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap().unwrap();
+                }
+            })
+        });
+        assert_eq!(fx.read(ino, 0, model.len()), model, "round {round}");
+    }
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
 }
 
 #[test]
@@ -292,7 +356,7 @@ fn a_store_full_of_metadata_says_enospc_and_unlinking_everything_still_works() {
 /// bytes it had after that prefix.
 fn power_cut_round(seed: u64) {
     use nvme::crash::{self, PowerCutConfig, PowerCutMode, PowerState};
-    let mut fx = Fx::on(32, true);
+    let mut fx = Fx::on(32, true, UNIT);
     let mut rng = fastrand::Rng::with_seed(seed);
     // After each operation: the state, and the bytes of each file.
     let mut files: std::collections::BTreeMap<Ino, Vec<u8>> = Default::default();
@@ -381,7 +445,7 @@ fn power_cut_round(seed: u64) {
             Err(e) => panic!("seed {seed}: reload: {e}"),
         }
     };
-    fx.fs = Fx::open_fs(&mut fx.h, &fx.rt, &store);
+    fx.fs = Fx::open_fs(&mut fx.h, &fx.rt, &store, fx.unit);
     fx.store = store;
 
     let state = fx.fs.meta().read(|s| s.clone());
@@ -396,9 +460,9 @@ fn power_cut_round(seed: u64) {
         if got != *want {
             let first = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap();
             let last = got.iter().zip(want.iter()).rposition(|(a, b)| a != b).unwrap();
-            let chunks: Vec<_> = state.chunks(ino, 0).unwrap().collect();
+            let extents: Vec<_> = state.extents(ino, 0).unwrap().collect();
             panic!(
-                "seed {seed}: the bytes of inode {ino} after {k} ops of {} ({mode:?}), synced {synced}: differ in {first}..={last} of {}; got {:?} want {:?}; chunks {chunks:?}",
+                "seed {seed}: the bytes of inode {ino} after {k} ops of {} ({mode:?}), synced {synced}: differ in {first}..={last} of {}; got {:?} want {:?}; extents {extents:?}",
                 history.len() - 1,
                 want.len(),
                 &got[first..first + 8.min(want.len() - first)],

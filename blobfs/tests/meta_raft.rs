@@ -82,7 +82,7 @@ fn synced_commands_survive_a_crash_and_the_log_replays_after_a_snapshot() {
     let before = meta.read(|s| s.clone());
 
     // Power cut: the store stops without a clean unload, Raft with it.
-    let (store, meta) = power_cut(&mut h, &rt, &bdev, store, meta, MetaOptions::default());
+    let (_store, meta) = power_cut(&mut h, &rt, &bdev, store, meta, MetaOptions::default());
     assert_eq!(names(&meta).len(), 81);
     meta.read(|s| {
         assert_eq!(s.lookup(ROOT, b"f").unwrap().ino, f);

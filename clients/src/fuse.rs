@@ -27,6 +27,10 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
+/// How files are opened: direct writes (O_DIRECT) may run side by side; the
+/// file system orders what must be ordered ([`FileSystem::write`]).
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+
 /// How ClaudeFS mounts: permission checks by the kernel, open to every user
 /// (the server runs as root), several request threads.
 pub fn mount_config() -> fuser::Config {
@@ -165,6 +169,8 @@ impl Filesystem for Fuse {
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
             fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
             fuser::InitFlags::FUSE_POSIX_ACL,
+            // Asynchronous direct I/O reaches us as concurrent requests.
+            fuser::InitFlags::FUSE_ASYNC_DIO,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -310,7 +316,7 @@ impl Filesystem for Fuse {
         };
         if flags.0 & libc::O_TRUNC == 0 || kind != FileKind::File {
             self.fs.opened(ino.0);
-            return reply.opened(FileHandle(0), FopenFlags::empty());
+            return reply.opened(FileHandle(0), OPEN_FLAGS);
         }
         // FUSE_ATOMIC_O_TRUNC: the truncate is ours, and it marks the data
         // and status as changed even if the file was empty (POSIX open()).
@@ -320,7 +326,7 @@ impl Filesystem for Fuse {
             match fs.setattr(ino.0, set, t).await {
                 Ok(_) => {
                     fs.opened(ino.0);
-                    reply.opened(FileHandle(0), FopenFlags::empty());
+                    reply.opened(FileHandle(0), OPEN_FLAGS);
                 }
                 Err(e) => reply.error(errno(e)),
             }
@@ -349,7 +355,7 @@ impl Filesystem for Fuse {
             match fs.apply(cmd).await {
                 Ok(Reply::Entry(a)) => {
                     fs.opened(a.ino);
-                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::empty());
+                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(0), OPEN_FLAGS);
                 }
                 Ok(_) => reply.error(fuser::Errno::EIO),
                 Err(e) => reply.error(errno(e)),

@@ -21,7 +21,9 @@ pub struct MountParams {
     pub bdev_name: String,
     /// An existing, empty directory to mount it on.
     pub mountpoint: PathBuf,
-    /// Chunk size of file data in bytes, for a new file system (default 1 MiB).
+    /// Map unit of file data in bytes, for a new file system (default 4 KiB):
+    /// a write replaces whole units, reading what it does not cover.
+    /// Larger units make smaller maps and costlier small writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<u64>,
 }
@@ -184,7 +186,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 let store = a.blobstore(&p.bdev_name)?;
                 let rt = a.fs.runtime()?;
                 let reactors = a.reactors.to_vec();
-                let opts = MetaOptions { chunk_size: p.chunk_size.unwrap_or(1 << 20), ..Default::default() };
+                let opts = MetaOptions { chunk_size: p.chunk_size.unwrap_or(MetaOptions::default().chunk_size), ..Default::default() };
                 if opts.chunk_size < 4096 || opts.chunk_size % 4096 != 0 || opts.chunk_size > 64 << 20 {
                     return Err(RpcError::invalid_params(format!(
                         "chunk_size {} is not a multiple of 4096 from 4 KiB to 64 MiB",

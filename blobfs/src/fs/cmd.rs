@@ -41,7 +41,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     /// New group.
     pub gid: Option<u32>,
-    /// New size (truncate or extend): chunks past it are let go of.
+    /// New size (truncate or extend): pages past it are let go of.
     pub size: Option<u64>,
     /// New access time.
     pub atime: Option<Time>,
@@ -49,9 +49,9 @@ pub struct SetAttr {
     pub mtime: Option<Time>,
     /// New creation time.
     pub btime: Option<Time>,
-    /// With a size that ends inside a mapped chunk: that chunk rewritten
-    /// with its tail past the new end zeroed (index, where it now is), so
-    /// the size and the data change together.
+    /// With a size that ends inside a mapped page: the unit holding the new
+    /// last byte rewritten with everything past the new end zeroed (unit
+    /// index, where it now is), so the size and the data change together.
     pub tail: Option<(u64, ChunkRef)>,
 }
 
@@ -171,11 +171,12 @@ pub enum Cmd {
         /// When (the new ctime).
         now: Time,
     },
-    /// Records written file data: maps chunks and grows the size.
+    /// Records written file data: maps extents and grows the size.
     Write {
         /// The file.
         ino: Ino,
-        /// Chunk index (offset / chunk size) and where its data now is.
+        /// Extents: first unit (offset / chunk size) and where the data of
+        /// the units from there on now is; each replaces whole units.
         chunks: Vec<(u64, ChunkRef)>,
         /// The file's size is at least this afterwards.
         end: u64,
@@ -189,16 +190,28 @@ pub enum Cmd {
         inos: Vec<Ino>,
     },
     // New variants go last: the log stores the variant's index.
-    /// Zeroes a range of a file without changing its size (fallocate's
-    /// punch-hole and zero-range): chunks wholly inside the range are
-    /// unmapped, the chunks at its edges replaced by copies with the range
-    /// zeroed.
+    /// [`Cmd::PunchRange`] with the holes as a list of units, as builds
+    /// before it wrote them (kept so that their logs still replay).
     Punch {
         /// The file.
         ino: Ino,
-        /// Chunk indexes unmapped (holes now).
+        /// Units unmapped (holes now).
         holes: Vec<u64>,
-        /// Chunk index and the copy replacing it.
+        /// Extents replacing units at the edges, as in [`Cmd::Write`].
+        chunks: Vec<(u64, ChunkRef)>,
+        /// When (mtime and ctime).
+        now: Time,
+    },
+    /// Zeroes a range of a file without changing its size (fallocate's
+    /// punch-hole and zero-range): units wholly inside the range are
+    /// unmapped, the units at its edges replaced by copies with the range
+    /// zeroed.
+    PunchRange {
+        /// The file.
+        ino: Ino,
+        /// Units `[first, end)` unmapped (holes now).
+        holes: (u64, u64),
+        /// Extents replacing units at the edges, as in [`Cmd::Write`].
         chunks: Vec<(u64, ChunkRef)>,
         /// When (mtime and ctime).
         now: Time,

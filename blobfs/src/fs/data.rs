@@ -1,6 +1,6 @@
-//! File data: chunks in a thin *pool blob*, allocated by page.
+//! File data: extents in a thin *pool blob*, allocated by page.
 //!
-//! A chunk is written copy-on-write: new pages first, then the metadata
+//! An extent is written copy-on-write: new pages first, then the metadata
 //! command that maps them ([`super::Cmd::Write`]); the pages it replaces come
 //! back in the reply and are freed. A crash between the two leaves the old
 //! data mapped and the new pages unreferenced, and since the allocation map
@@ -36,6 +36,9 @@ use crate::{BlobIo, BlobShared, Blobstore};
 pub fn metadata_reserve(total: u64, cluster_size: u64) -> u64 {
     (total / 16).min((256 << 20) / cluster_size).max(16)
 }
+
+/// The longest run one allocation takes (what a [`ChunkRef`] counts).
+const MAX_RUN: u64 = u32::MAX as u64;
 
 /// The pool blob's pages and which of them are in use.
 pub struct DataPool {
@@ -265,23 +268,45 @@ impl DataPool {
         (a.pages, a.free)
     }
 
-    /// Allocates `pages` contiguous pages.
-    pub fn alloc(&self, pages: u32) -> Result<ChunkRef, Errno> {
+    /// Allocates `pages` pages: one run if a free run is that long, else
+    /// the fewest runs found by halving, each a whole number of `unit`
+    /// pages but the last.
+    pub fn alloc(&self, pages: u64, unit: u64) -> Result<Vec<ChunkRef>, Errno> {
         let mut a = self.lock();
-        let page = a.find(u64::from(pages)).ok_or(Errno::ENOSPC)?;
-        let new = a.unbacked(page, u64::from(pages));
-        if !new.is_empty() {
-            if self.store.free_clusters() < new.len() as u64 + self.reserve {
-                return Err(Errno::ENOSPC);
+        let mut runs = Vec::new();
+        let (mut left, mut want) = (pages, pages.min(MAX_RUN / unit * unit));
+        if pages > a.free {
+            return Err(Errno::ENOSPC);
+        }
+        while left > 0 {
+            let Some(page) = a.find(want) else {
+                if want <= unit {
+                    break;
+                }
+                want = (want / 2).max(unit) / unit * unit;
+                continue;
+            };
+            let new = a.unbacked(page, want);
+            if !new.is_empty() && self.store.free_clusters() < new.len() as u64 + self.reserve {
+                break;
             }
             for c in new {
                 a.backed[c] = true;
             }
+            let c = ChunkRef { blob: self.blob.id(), page, pages: want as u32 };
+            a.set(c, true);
+            a.hint = page + want;
+            runs.push(c);
+            left -= want;
+            want = want.min(left);
         }
-        let c = ChunkRef { blob: self.blob.id(), page, pages };
-        a.set(c, true);
-        a.hint = page + u64::from(pages);
-        Ok(c)
+        if left > 0 {
+            for &c in &runs {
+                a.set(c, false);
+            }
+            return Err(Errno::ENOSPC);
+        }
+        Ok(runs)
     }
 
     /// Frees chunks that a metadata command let go of, once that command's
@@ -313,20 +338,21 @@ impl DataPool {
         ReadTicket { pool: self, seq }
     }
 
-    /// Reads a chunk's pages into `out` (at most its length).
-    pub async fn read(&self, c: ChunkRef, out: &mut [u8]) -> Result<(), Errno> {
+    /// Reads a run's pages and copies `out.len()` bytes of them, from byte
+    /// `skip` on, into `out`.
+    pub async fn read(&self, c: ChunkRef, skip: usize, out: &mut [u8]) -> Result<(), Errno> {
+        debug_assert!(skip + out.len() <= c.pages as usize * PAGE_SIZE);
         let buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
         let done = self.store.io(self.reactor(), BlobIo::read(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
         done.status.map_err(|e| {
             tracing::error!("reading file data at pool page {} failed: {e}", c.page);
             Errno(e.errno())
         })?;
-        let n = out.len().min(c.pages as usize * PAGE_SIZE);
-        done.bufs.copy_out(0, &mut out[..n]);
+        done.bufs.copy_out(skip, out);
         Ok(())
     }
 
-    /// Writes `data` (padded with zeros to whole pages) to a chunk's pages.
+    /// Writes `data` (padded with zeros to whole pages) to a run's pages.
     pub async fn write(&self, c: ChunkRef, data: &[u8]) -> Result<(), Errno> {
         debug_assert!(data.len() <= c.pages as usize * PAGE_SIZE);
         let mut buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;

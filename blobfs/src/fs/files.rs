@@ -12,6 +12,9 @@ use super::data::DataPool;
 use super::raft::{MetaOptions, MetaRaft, xattr_u64};
 use super::{Attr, ChunkRef, Cmd, Errno, Ino, Reply, SetAttr, Time};
 use crate::format::PAGE_SIZE;
+
+/// Bytes per page of file data.
+const PAGE: u64 = PAGE_SIZE as u64;
 use crate::{BlobError, BlobOptions, Blobstore};
 
 /// The root blob's xattr naming the data pool blob.
@@ -22,8 +25,9 @@ pub struct FileSystem {
     meta: MetaRaft,
     data: DataPool,
     chunk_size: u64,
-    /// One writer at a time per file (a write rewrites whole chunks).
-    writers: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per file: held shared by writes of whole units, alone by everything
+    /// that reads what it rewrites (see [`FileSystem::write`]).
+    writers: Mutex<HashMap<Ino, Arc<tokio::sync::RwLock<()>>>>,
     /// Open handles per inode: an unlinked inode lives while it has any.
     open: Mutex<HashMap<Ino, u32>>,
     /// The pool blob, open until [`FileSystem::shutdown`].
@@ -97,6 +101,7 @@ impl FileSystem {
                 | Cmd::SetAttr { .. }
                 | Cmd::RemoveXattr { .. }
                 | Cmd::Punch { .. }
+                | Cmd::PunchRange { .. }
                 | Cmd::Reclaim { .. }
         );
         if self.data.metadata_space_low() {
@@ -169,164 +174,194 @@ impl FileSystem {
                 None => false,
             }
         };
-        if last && self.meta.read(|s| s.getattr(ino).is_ok_and(|a| a.nlink == 0)) {
-            self.reclaim(vec![ino]).await?;
+        if last {
+            self.forget_writer(ino);
+            if self.meta.read(|s| s.getattr(ino).is_ok_and(|a| a.nlink == 0)) {
+                self.reclaim(vec![ino]).await?;
+            }
         }
         Ok(())
     }
 
-    fn writer(&self, ino: Ino) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock of `ino`'s data.
+    fn writer(&self, ino: Ino) -> Arc<tokio::sync::RwLock<()>> {
         self.writers.lock().unwrap_or_else(|p| p.into_inner()).entry(ino).or_default().clone()
+    }
+
+    /// Forgets `ino`'s data lock unless someone holds it.
+    fn forget_writer(&self, ino: Ino) {
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if writers.get(&ino).is_some_and(|l| Arc::strong_count(l) == 1) {
+            writers.remove(&ino);
+        }
     }
 
     /// Reads up to `size` bytes at `offset` (fewer at the end of the file;
     /// holes read as zeros).
     pub async fn read(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>, Errno> {
-        // The ticket comes before the lookup: chunks freed after it stay
+        let mut out = vec![0u8; size];
+        let n = self.read_into(ino, offset, &mut out).await?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Fills `out` with the file's bytes from `offset` on; returns how many
+    /// lie within the file (the rest of `out` is left alone).
+    async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
+        // The ticket comes before the lookup: pages freed after it stay
         // untouched until this read is done.
         let _ticket = self.data.ticket();
-        let cs = self.chunk_size;
-        let (file_size, chunks) = self.meta.read(|s| {
+        let (end, extents) = self.meta.read(|s| {
             let a = s.getattr(ino)?;
             if a.kind == super::FileKind::Dir {
                 return Err(Errno::EISDIR);
             }
-            let end = a.size.min(offset.saturating_add(size as u64));
-            let chunks: Vec<(u64, ChunkRef)> = if end > offset {
-                s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect()
+            let end = a.size.min(offset.saturating_add(out.len() as u64));
+            let extents: Vec<(u64, ChunkRef)> = if end > offset {
+                s.extents(ino, offset / PAGE)?.take_while(|&(p, _)| p * PAGE < end).collect()
             } else {
                 Vec::new()
             };
-            Ok((a.size, chunks))
+            Ok((end, extents))
         })?;
-        let end = file_size.min(offset.saturating_add(size as u64));
         if end <= offset {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let mut out = vec![0u8; (end - offset) as usize];
-        for (index, chunk) in chunks {
-            let start = index * cs;
-            // The pages of this chunk that overlap [offset, end).
-            let from = offset.max(start) - start;
-            let to = (end.min(start + cs) - start).min(u64::from(chunk.pages) * PAGE_SIZE as u64);
+        let n = (end - offset) as usize;
+        let mut rest = &mut out[..n];
+        let mut at = offset;
+        let mut reads = Vec::new();
+        for (first, c) in coalesce(extents) {
+            // The bytes of this extent within [at, end), and the holes before them.
+            let (from, to) = (at.max(first * PAGE), end.min((first + u64::from(c.pages)) * PAGE));
             if to <= from {
                 continue;
             }
-            let first_page = from / PAGE_SIZE as u64;
-            let pages = to.div_ceil(PAGE_SIZE as u64) - first_page;
-            let sub = ChunkRef { page: chunk.page + first_page, pages: pages as u32, ..chunk };
-            let mut buf = vec![0u8; pages as usize * PAGE_SIZE];
-            self.data.read(sub, &mut buf).await?;
-            let skip = (from - first_page * PAGE_SIZE as u64) as usize;
-            let dst = (start + from - offset) as usize;
-            let n = (to - from) as usize;
-            out[dst..dst + n].copy_from_slice(&buf[skip..skip + n]);
+            let (hole, tail) = rest.split_at_mut((from - at) as usize);
+            hole.fill(0);
+            let (dst, tail) = tail.split_at_mut((to - from) as usize);
+            let skip = from - first * PAGE;
+            let run = c.sub(skip / PAGE, (to - first * PAGE).div_ceil(PAGE) - skip / PAGE);
+            reads.push(self.data.read(run, (skip % PAGE) as usize, dst));
+            (rest, at) = (tail, to);
         }
-        Ok(out)
+        rest.fill(0);
+        futures_util::future::try_join_all(reads).await?;
+        Ok(n)
     }
 
     /// Writes `data` at `offset`; returns the file's attributes after.
+    ///
+    /// Writes of whole units go straight to new pages and run side by side;
+    /// one that covers part of a unit reads the rest of it, so it runs
+    /// alone (as do truncates and fallocate, which do the same).
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8], now: Time) -> Result<Attr, Errno> {
         let end =
             offset.checked_add(data.len() as u64).filter(|&e| e <= super::types::FILE_SIZE_MAX).ok_or(Errno::EFBIG)?;
-        let lock = self.writer(ino);
-        let _guard = lock.lock().await;
-        let cs = self.chunk_size;
         if data.is_empty() {
             return self.meta.read(|s| s.getattr(ino).cloned());
         }
-        let (size, old) = self.file_chunks(ino, offset, end, Errno::EINVAL)?;
-        let mut written: Vec<(u64, ChunkRef)> = Vec::new();
-        let result = async {
-            for index in offset / cs..end.div_ceil(cs) {
-                let start = index * cs;
-                let (from, to) = (offset.max(start) - start, end.min(start + cs) - start);
-                // What the chunk holds now: data up to the file's end, zeros after.
-                let valid = size.saturating_sub(start).min(cs);
-                let keep = if from > 0 || to < valid { valid } else { 0 };
-                let src = &data[(start + from - offset) as usize..(start + to - offset) as usize];
-                let chunk = self
-                    .rewrite(old.get(&index).copied(), keep, valid.max(to), |buf| {
-                        buf[from as usize..to as usize].copy_from_slice(src)
-                    })
-                    .await?;
-                written.push((index, chunk));
-            }
-            Ok::<_, Errno>(())
+        let u = self.chunk_size;
+        let lock = self.writer(ino);
+        let whole = offset % u == 0 && end % u == 0;
+        let (_shared, _alone);
+        if whole {
+            _shared = lock.read().await;
+        } else {
+            _alone = lock.write().await;
         }
-        .await;
-        self.map_written(result, written, |chunks| Cmd::Write { ino, chunks, end, now }).await
+        let size = self.file_size(ino, Errno::EINVAL)?;
+        // Whole units from the one holding `offset`, up to the file's end
+        // in the last (beyond it, the unit holds zeros).
+        let from = offset / u * u;
+        let to = end.max(size.min(end.next_multiple_of(u))).next_multiple_of(PAGE);
+        let written = self.rewrite(ino, from, to, offset..end, data).await;
+        self.map_written(written, |chunks| Cmd::Write { ino, chunks, end, now }).await
     }
 
-    /// A regular file's size and its chunks overlapping `[offset, end)`;
-    /// a directory is EISDIR, anything else `not_a_file`.
-    fn file_chunks(
-        &self,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-        not_a_file: Errno,
-    ) -> Result<(u64, HashMap<u64, ChunkRef>), Errno> {
-        let cs = self.chunk_size;
+    /// A regular file's size; a directory is EISDIR, anything else
+    /// `not_a_file`.
+    fn file_size(&self, ino: Ino, not_a_file: Errno) -> Result<u64, Errno> {
         self.meta.read(|s| {
             let a = s.getattr(ino)?;
             match a.kind {
-                super::FileKind::File => {}
-                super::FileKind::Dir => return Err(Errno::EISDIR),
-                _ => return Err(not_a_file),
+                super::FileKind::File => Ok(a.size),
+                super::FileKind::Dir => Err(Errno::EISDIR),
+                _ => Err(not_a_file),
             }
-            Ok((a.size, s.chunks(ino, offset / cs)?.take_while(|&(i, _)| i * cs < end).collect()))
         })
     }
 
-    /// A new chunk of `len` bytes: the first `keep` bytes of `old` (zeros
-    /// where it has none), changed by `edit`, written to fresh pages.
+    /// New pages for the file's bytes `[from, to)` (`from` at a unit):
+    /// `data` at `new.start`, zeros in the rest of `new`, what the file
+    /// holds now elsewhere. Returns them as extents to map.
     async fn rewrite(
         &self,
-        old: Option<ChunkRef>,
-        keep: u64,
-        len: u64,
-        edit: impl FnOnce(&mut [u8]),
-    ) -> Result<ChunkRef, Errno> {
-        let mut buf = vec![0u8; len as usize];
-        if let Some(c) = old
-            && keep > 0
-        {
-            self.data.read(c, &mut buf[..keep as usize]).await?;
+        ino: Ino,
+        from: u64,
+        to: u64,
+        new: std::ops::Range<u64>,
+        data: &[u8],
+    ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
+        debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
+        let mut buf = vec![0u8; (to - from) as usize];
+        let (head, rest) = buf.split_at_mut((new.start - from) as usize);
+        let (fresh, tail) = rest.split_at_mut((new.end - new.start) as usize);
+        if !head.is_empty() {
+            self.read_into(ino, from, head).await?;
         }
-        edit(&mut buf);
-        let pages = len.div_ceil(PAGE_SIZE as u64) as u32;
-        let chunk = match self.data.alloc(pages) {
+        if !tail.is_empty() {
+            self.read_into(ino, new.end, tail).await?;
+        }
+        fresh[..data.len()].copy_from_slice(data);
+        let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
+        let runs = match self.data.alloc(pages, up) {
             // Space a delete let go of comes back once the delete is
             // durable: wait for that rather than fail.
             Err(Errno::ENOSPC) if self.data.frees_waiting() => {
                 self.meta.sync().await?;
-                self.data.alloc(pages)?
+                self.data.alloc(pages, up)?
             }
             r => r?,
         };
-        if let Err(e) = self.data.write(chunk, &buf).await {
-            self.data.free([chunk]);
+        let mut extents = Vec::with_capacity(runs.len());
+        let mut writes = Vec::with_capacity(runs.len());
+        let (mut page, mut rest) = (from / PAGE, &buf[..]);
+        for &run in &runs {
+            let (bytes, after) = rest.split_at((u64::from(run.pages) * PAGE).min(rest.len() as u64) as usize);
+            extents.push((page / up, run));
+            writes.push(self.data.write(run, bytes));
+            (page, rest) = (page + u64::from(run.pages), after);
+        }
+        if let Err(e) = futures_util::future::try_join_all(writes).await {
+            self.data.free(runs);
             return Err(e);
         }
-        Ok(chunk)
+        Ok(extents)
     }
 
-    /// Maps freshly written `chunks` by the command `cmd` makes of them,
-    /// unless writing them failed (`written`); pages left unmapped either
-    /// way are free again.
+    /// Maps freshly written extents by the command `cmd` makes of them,
+    /// unless writing them failed; pages left unmapped either way are free
+    /// again.
     async fn map_written(
         &self,
-        written: Result<(), Errno>,
-        chunks: Vec<(u64, ChunkRef)>,
+        written: Result<Vec<(u64, ChunkRef)>, Errno>,
         cmd: impl FnOnce(Vec<(u64, ChunkRef)>) -> Cmd,
     ) -> Result<Attr, Errno> {
+        let chunks = written?;
         let pages: Vec<ChunkRef> = chunks.iter().map(|&(_, c)| c).collect();
-        let result = match written {
-            Ok(()) => self.apply(cmd(chunks)).await,
-            Err(e) => Err(e),
-        };
-        result.map(attributes).inspect_err(|_| self.data.free(pages))
+        self.apply(cmd(chunks)).await.map(attributes).inspect_err(|_| self.data.free(pages))
+    }
+
+    /// Pages of the file mapped in `[offset, end)`.
+    fn mapped(&self, ino: Ino, offset: u64, end: u64) -> Result<u64, Errno> {
+        let (first, last) = (offset / PAGE, end.div_ceil(PAGE));
+        self.meta.read(|s| {
+            Ok(s.extents(ino, first)?
+                .take_while(|&(p, _)| p < last)
+                .map(|(p, c)| last.min(p + u64::from(c.pages)) - first.max(p))
+                .sum())
+        })
     }
 
     /// fallocate(2). Modes: 0 and `FALLOC_FL_KEEP_SIZE` check that the
@@ -345,18 +380,14 @@ impl FileSystem {
         }
         let end = offset.checked_add(len).filter(|&e| e <= super::types::FILE_SIZE_MAX).ok_or(Errno::EFBIG)?;
         let lock = self.writer(ino);
-        let _guard = lock.lock().await;
-        let cs = self.chunk_size;
-        let (size, old) = self.file_chunks(ino, offset, end, Errno::ENODEV)?;
+        let _alone = lock.write().await;
+        let size = self.file_size(ino, Errno::ENODEV)?;
         let mut attr = None;
         if mode & (PUNCH | ZERO) != 0 {
-            attr = Some(self.zero_range(ino, offset, end.min(size), size, &old, now).await?);
+            attr = Some(self.zero_range(ino, offset, end.min(size), size, now).await?);
         } else {
             // The pages the range's holes would take.
-            let needed: u64 = (offset / cs..end.div_ceil(cs))
-                .filter(|i| !old.contains_key(i))
-                .map(|i| (end.min((i + 1) * cs) - i * cs).div_ceil(PAGE_SIZE as u64))
-                .sum();
+            let needed = end.div_ceil(PAGE) - offset / PAGE - self.mapped(ino, offset, end)?;
             if needed > self.data.space().1 {
                 return Err(Errno::ENOSPC);
             }
@@ -371,58 +402,51 @@ impl FileSystem {
         }
     }
 
-    /// Zeroes `[offset, end)` of a file of `size` bytes whose chunks there
-    /// are `old`: whole chunks become holes, the edges are rewritten.
-    async fn zero_range(
-        &self,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-        size: u64,
-        old: &HashMap<u64, ChunkRef>,
-        now: Time,
-    ) -> Result<Attr, Errno> {
-        let cs = self.chunk_size;
-        let (mut holes, mut written) = (Vec::new(), Vec::new());
+    /// Zeroes `[offset, end)` of a file of `size` bytes: whole units become
+    /// holes, the units at the edges are rewritten.
+    async fn zero_range(&self, ino: Ino, offset: u64, end: u64, size: u64, now: Time) -> Result<Attr, Errno> {
+        let u = self.chunk_size;
+        // Units wholly inside (the last unit counts whole if the range
+        // reaches the end of the file).
+        let first = offset.div_ceil(u);
+        let last = if end == size { end.div_ceil(u) } else { end / u }.max(first);
+        let mut edges = Vec::new();
+        if offset < first * u && offset < end {
+            edges.push((offset / u * u, offset..end.min(first * u)));
+        }
+        if last * u < end {
+            edges.push((last * u, last * u..end));
+        }
+        let mut written = Vec::new();
         let result = async {
-            for index in (offset / cs..end.div_ceil(cs)).filter(|i| old.contains_key(i)) {
-                let start = index * cs;
-                let valid = size.saturating_sub(start).min(cs);
-                let (from, to) = (offset.max(start) - start, (end - start).min(valid));
-                if from == 0 && to == valid {
-                    holes.push(index);
-                } else {
-                    let chunk = self
-                        .rewrite(Some(old[&index]), valid, valid, |buf| buf[from as usize..to as usize].fill(0))
-                        .await?;
-                    written.push((index, chunk));
+            for (from, new) in edges {
+                let to = size.min(from + u).next_multiple_of(PAGE);
+                if self.mapped(ino, from, to)? > 0 {
+                    written.extend(self.rewrite(ino, from, to, new, &[]).await?);
                 }
             }
-            Ok::<_, Errno>(())
+            Ok(std::mem::take(&mut written))
         }
         .await;
-        self.map_written(result, written, |chunks| Cmd::Punch { ino, holes, chunks, now }).await
+        self.map_written(result, |chunks| Cmd::PunchRange { ino, holes: (first, last), chunks, now }).await
     }
 
-    /// Changes attributes; a size that cuts into a chunk rewrites that chunk
-    /// with its tail zeroed, in the same command as the size.
+    /// Changes attributes; a size that cuts into a mapped page rewrites the
+    /// unit holding it with its tail zeroed, in the same command as the
+    /// size.
     pub async fn setattr(&self, ino: Ino, mut set: SetAttr, now: Time) -> Result<Attr, Errno> {
         let lock = self.writer(ino);
-        let _guard = lock.lock().await;
+        let _alone = lock.write().await;
         let mut tail = None;
         if let Some(size) = set.size {
-            let cs = self.chunk_size;
-            let cut = self.meta.read(|s| {
-                let a = s.getattr(ino)?;
-                let within = size % cs;
-                if size >= a.size || within == 0 || a.kind != super::FileKind::File {
-                    return Ok(None);
-                }
-                Ok(s.chunks(ino, size / cs)?.next().filter(|&(i, _)| i == size / cs))
-            })?;
-            if let Some((index, old)) = cut {
-                let len = within_len(size, cs);
-                let chunk = self.rewrite(Some(old), len, len, |_| {}).await?;
+            let u = self.chunk_size;
+            let (kind, old) = self.meta.read(|s| s.getattr(ino).map(|a| (a.kind, a.size)))?;
+            let cuts_a_page = kind == super::FileKind::File && size < old && size % PAGE != 0;
+            if cuts_a_page && self.mapped(ino, size - 1, size)? > 0 {
+                let (from, to) = ((size - 1) / u * u, size.next_multiple_of(PAGE));
+                let [(index, chunk)] = self.rewrite(ino, from, to, size..to, &[]).await?[..] else {
+                    unreachable!("one unit is allocated as one run")
+                };
                 tail = Some(chunk);
                 set.tail = Some((index, chunk));
             }
@@ -455,7 +479,22 @@ fn attributes(reply: Reply) -> Attr {
     }
 }
 
-/// Bytes of the chunk holding byte `size - 1` that lie below `size`.
-fn within_len(size: u64, cs: u64) -> u64 {
-    size - (size - 1) / cs * cs
+/// Extents whose pages follow each other in the file and in the pool, as
+/// one (fewer, larger reads).
+fn coalesce(extents: Vec<(u64, ChunkRef)>) -> Vec<(u64, ChunkRef)> {
+    let mut out: Vec<(u64, ChunkRef)> = Vec::with_capacity(extents.len());
+    for (p, c) in extents {
+        match out.last_mut() {
+            Some((q, d))
+                if *q + u64::from(d.pages) == p
+                    && d.blob == c.blob
+                    && d.page + u64::from(d.pages) == c.page
+                    && u64::from(d.pages) + u64::from(c.pages) <= u64::from(u32::MAX) =>
+            {
+                d.pages += c.pages
+            }
+            _ => out.push((p, c)),
+        }
+    }
+    out
 }

@@ -1,5 +1,12 @@
 //! The metadata state machine: inodes, directories, links, xattrs, orphans
-//! and each file's chunk map, changed only by [`Cmd`]s.
+//! and each file's extent map, changed only by [`Cmd`]s.
+//!
+//! A file's map counts in *units* of the chunk size (4 KiB on a new file
+//! system; 1 MiB on those made before extents, whose maps this reads
+//! unchanged): an extent keyed by unit `k` holds the file's pages from
+//! `k × unit` on, as many as its run of pool pages has. Extents never
+//! overlap; a command that maps an extent replaces whole units, cutting
+//! the extents it overlaps, and a truncate trims the extent it ends in.
 //!
 //! `apply` is deterministic: the same commands applied in the same order to
 //! the same state give the same state and the same replies, which is what
@@ -14,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use super::cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
 use super::types::*;
 
+/// Bytes per page of file data.
+const PAGE: u64 = crate::format::PAGE_SIZE as u64;
+
 /// Readdir cookies 1 and 2 are `.` and `..`; entries start at 3.
 const FIRST_COOKIE: u64 = 3;
 
@@ -21,7 +31,8 @@ const FIRST_COOKIE: u64 = 3;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Body {
     File {
-        /// Chunk index → where its data is. Missing chunks are holes.
+        /// First unit → where the data of its pages is. Pages no extent
+        /// holds are holes.
         chunks: BTreeMap<u64, ChunkRef>,
     },
     Dir {
@@ -51,7 +62,7 @@ struct Inode {
 pub struct Usage {
     /// Inodes in use (orphans included).
     pub inodes: u64,
-    /// Pages of file data mapped by chunks.
+    /// Pages of file data mapped by extents.
     pub data_pages: u64,
 }
 
@@ -70,7 +81,7 @@ pub struct MetaState {
 
 impl MetaState {
     /// A new file system: an empty root directory owned by `root_uid:root_gid`
-    /// with permissions `0o755`. File data is mapped in chunks of
+    /// with permissions `0o755`. File data is mapped in units of
     /// `chunk_size` bytes (a multiple of 4 KiB).
     pub fn new(chunk_size: u64, root_uid: u32, root_gid: u32, now: Time) -> MetaState {
         assert!(chunk_size >= 4096 && chunk_size % 4096 == 0, "chunk size {chunk_size} is not a multiple of 4 KiB");
@@ -89,9 +100,14 @@ impl MetaState {
         s
     }
 
-    /// The chunk size of file data, in bytes.
+    /// The unit of file maps, in bytes: writes replace whole units.
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// Pages per unit.
+    fn unit_pages(&self) -> u64 {
+        self.chunk_size / PAGE
     }
 
     /// Inode and data counts.
@@ -162,7 +178,7 @@ impl MetaState {
         Ok(self.inodes.get(&ino).ok_or(Errno::ENOENT)?.xattrs.keys().map(Vec::as_slice))
     }
 
-    /// Every chunk of every file (to rebuild the data allocator).
+    /// Every extent of every file (to rebuild the data allocator).
     pub fn all_chunks(&self) -> impl Iterator<Item = ChunkRef> + '_ {
         self.inodes
             .values()
@@ -173,10 +189,20 @@ impl MetaState {
             .flatten()
     }
 
-    /// A file's chunks from index `first` on, in order (holes are missing).
-    pub fn chunks(&self, ino: Ino, first: u64) -> Result<impl Iterator<Item = (u64, ChunkRef)> + '_, Errno> {
+    /// A file's extents holding any of its pages from `page` on, in order,
+    /// each as its first page and its run (holes are missing).
+    pub fn extents(&self, ino: Ino, page: u64) -> Result<impl Iterator<Item = (u64, ChunkRef)> + '_, Errno> {
+        let up = self.unit_pages();
         match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
-            Body::File { chunks } => Ok(chunks.range(first..).map(|(&i, &c)| (i, c))),
+            Body::File { chunks } => {
+                // The extent starting before `page` may reach into it.
+                let first = chunks
+                    .range(..page / up + 1)
+                    .next_back()
+                    .filter(|&(&k, c)| k * up + u64::from(c.pages) > page)
+                    .map_or(page.div_ceil(up), |(&k, _)| k);
+                Ok(chunks.range(first..).map(move |(&k, &c)| (k * up, c)))
+            }
             Body::Dir { .. } => Err(Errno::EISDIR),
             _ => Err(Errno::EINVAL),
         }
@@ -215,7 +241,17 @@ impl MetaState {
                         *links.entry(child).or_default() += 1;
                     }
                 }
-                Body::File { chunks } => pages += chunks.values().map(|c| u64::from(c.pages)).sum::<u64>(),
+                Body::File { chunks } => {
+                    let up = self.unit_pages();
+                    let mut next = 0;
+                    for (&k, c) in chunks {
+                        if k * up < next || c.pages == 0 {
+                            return Err(format!("file {ino}: extent at unit {k} ({} pages) overlaps or is empty", c.pages));
+                        }
+                        next = k * up + u64::from(c.pages);
+                        pages += u64::from(c.pages);
+                    }
+                }
                 _ => {}
             }
         }
@@ -300,7 +336,11 @@ impl MetaState {
                 Ok(Reply::Done)
             }
             Cmd::Write { ino, chunks, end, now } => self.write(*ino, chunks, *end, *now),
-            Cmd::Punch { ino, holes, chunks, now } => self.punch(*ino, holes, chunks, *now),
+            Cmd::Punch { ino, holes, chunks, now } => {
+                let holes: Vec<_> = holes.iter().map(|&i| (i, i + 1)).collect();
+                self.remap(*ino, &holes, chunks, 0, *now)
+            }
+            Cmd::PunchRange { ino, holes, chunks, now } => self.remap(*ino, &[*holes], chunks, 0, *now),
             Cmd::Reclaim { inos } => {
                 let mut freed = Vec::new();
                 for ino in inos {
@@ -308,7 +348,7 @@ impl MetaState {
                         let inode = self.inodes.remove(ino).expect("orphans are inodes");
                         self.usage.inodes -= 1;
                         if let Body::File { chunks } = inode.body {
-                            self.usage.data_pages -= chunks.values().map(|c| u64::from(c.pages)).sum::<u64>();
+                            self.usage.data_pages -= pages(chunks.values());
                             freed.extend(chunks.into_values());
                         }
                     }
@@ -654,7 +694,7 @@ impl MetaState {
     }
 
     fn setattr(&mut self, ino: Ino, set: &SetAttr, now: Time) -> Result<Reply, Errno> {
-        let chunk_size = self.chunk_size;
+        let (chunk_size, up) = (self.chunk_size, self.unit_pages());
         let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         let mut freed = Vec::new();
         if set.tail.is_some() && set.size.is_none() {
@@ -667,24 +707,19 @@ impl MetaState {
             if size > FILE_SIZE_MAX {
                 return Err(Errno::EFBIG);
             }
-            if set.tail.is_some_and(|(index, _)| size == 0 || index != (size - 1) / chunk_size) {
+            if set.tail.is_some_and(|(index, c)| size == 0 || index != (size - 1) / chunk_size || c.pages == 0) {
                 return Err(Errno::EINVAL);
             }
             if size < inode.attr.size {
-                // Chunks wholly past the new end go; the one holding it stays
+                // Pages wholly past the new end go; the one holding it stays
                 // (the data path zeroes its tail before proposing this).
-                let keep = size.div_ceil(chunk_size);
-                let gone = chunks.split_off(&keep);
-                self.usage.data_pages -= gone.values().map(|c| u64::from(c.pages)).sum::<u64>();
-                freed.extend(gone.into_values());
+                freed = unmap(chunks, up, size.div_ceil(PAGE), u64::MAX);
             }
             if let Some((index, chunk)) = set.tail {
-                self.usage.data_pages += u64::from(chunk.pages);
-                if let Some(old) = chunks.insert(index, chunk) {
-                    self.usage.data_pages -= u64::from(old.pages);
-                    freed.push(old);
-                }
+                freed.extend(map(chunks, up, index, chunk));
             }
+            self.usage.data_pages -= pages(&freed);
+            self.usage.data_pages += set.tail.map_or(0, |(_, c)| u64::from(c.pages));
             if size != inode.attr.size && set.mtime.is_none() {
                 inode.attr.mtime = now;
             }
@@ -737,36 +772,84 @@ impl MetaState {
         self.remap(ino, &[], chunks, end, now)
     }
 
-    fn punch(&mut self, ino: Ino, holes: &[u64], chunks: &[(u64, ChunkRef)], now: Time) -> Result<Reply, Errno> {
-        self.remap(ino, holes, chunks, 0, now)
-    }
-
-    /// Unmaps `holes`, maps `chunks`, grows the size to at least `end`;
-    /// replies with what was unmapped or replaced.
+    /// Unmaps the unit ranges `holes`, maps `chunks`, grows the size to at
+    /// least `end`; replies with what was unmapped or replaced.
     fn remap(
         &mut self,
         ino: Ino,
-        holes: &[u64],
+        holes: &[(u64, u64)],
         chunks: &[(u64, ChunkRef)],
         end: u64,
         now: Time,
     ) -> Result<Reply, Errno> {
+        let up = self.unit_pages();
         let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
-        let Body::File { chunks: map } = &mut inode.body else {
+        let Body::File { chunks: extents } = &mut inode.body else {
             return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
         };
-        let mut freed: Vec<ChunkRef> = holes.iter().filter_map(|i| map.remove(i)).collect();
-        for &(index, chunk) in chunks {
-            self.usage.data_pages += u64::from(chunk.pages);
-            freed.extend(map.insert(index, chunk));
+        let past_max = |unit: u64, pages: u64| {
+            unit.checked_mul(up * PAGE).and_then(|b| b.checked_add(pages * PAGE)).is_none_or(|e| e > FILE_SIZE_MAX)
+        };
+        if chunks.iter().any(|&(k, c)| c.pages == 0 || past_max(k, u64::from(c.pages)))
+            || holes.iter().any(|&(a, b)| a > b || past_max(b, 0))
+        {
+            return Err(Errno::EINVAL);
         }
-        self.usage.data_pages -= freed.iter().map(|c| u64::from(c.pages)).sum::<u64>();
+        let mut freed = Vec::new();
+        for &(first, end) in holes {
+            freed.extend(unmap(extents, up, first * up, end * up));
+        }
+        for &(unit, chunk) in chunks {
+            freed.extend(map(extents, up, unit, chunk));
+        }
+        self.usage.data_pages += pages(chunks.iter().map(|(_, c)| c));
+        self.usage.data_pages -= pages(&freed);
         let a = &mut inode.attr;
         a.size = a.size.max(end);
         a.mtime = now;
         a.ctime = now;
         Ok(Reply::Attr(a.clone(), freed))
     }
+}
+
+/// Maps `chunk` at unit `unit` of a file map of `up` pages per unit,
+/// replacing the whole units it reaches into; returns what it replaced.
+fn map(extents: &mut BTreeMap<u64, ChunkRef>, up: u64, unit: u64, chunk: ChunkRef) -> Vec<ChunkRef> {
+    let first = unit * up;
+    let freed = unmap(extents, up, first, (first + u64::from(chunk.pages)).next_multiple_of(up));
+    extents.insert(unit, chunk);
+    freed
+}
+
+/// Takes pages `[from, to)` out of a file map of `up` pages per unit (`to`
+/// a whole unit, or `u64::MAX`); extents reaching into the range are cut
+/// and keep what lies outside it. Returns the runs let go of.
+fn unmap(extents: &mut BTreeMap<u64, ChunkRef>, up: u64, from: u64, to: u64) -> Vec<ChunkRef> {
+    debug_assert!(to == u64::MAX || to % up == 0, "pages up to {to} are not whole units of {up}");
+    let first = extents.range(..from / up + 1).next_back().map_or(from / up, |(&k, _)| k);
+    let hit: Vec<u64> = extents.range(first..).map(|(&k, _)| k).take_while(|&k| k * up < to).collect();
+    let mut freed = Vec::new();
+    for k in hit {
+        let c = extents[&k];
+        let (start, end) = (k * up, k * up + u64::from(c.pages));
+        if end <= from {
+            continue;
+        }
+        extents.remove(&k);
+        if start < from {
+            extents.insert(k, c.sub(0, from - start));
+        }
+        if end > to {
+            extents.insert(to / up, c.sub(to - start, end - to));
+        }
+        let (a, b) = (from.max(start), to.min(end));
+        freed.push(c.sub(a - start, b - a));
+    }
+    freed
+}
+
+fn pages<'a>(runs: impl IntoIterator<Item = &'a ChunkRef>) -> u64 {
+    runs.into_iter().map(|c| u64::from(c.pages)).sum()
 }
 
 impl Body {

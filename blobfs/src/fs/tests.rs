@@ -369,18 +369,53 @@ fn writes_map_chunks_and_truncates_free_the_ones_past_the_end() {
     };
     assert_eq!(freed, [chunk(2)]);
     assert_eq!(s.getattr(f).unwrap().size, 10 * cs, "a write inside the file keeps its size");
-    // Truncating into chunk 1 keeps chunks 0 and 1, frees 9.
+    // Truncating into chunk 1 keeps chunk 0 and the first page of 1, frees
+    // the rest of 1 and all of 9.
     let set = SetAttr { size: Some(cs + 100), ..Default::default() };
     let Reply::Attr(a, freed) = ok(&mut s, Cmd::SetAttr { ino: f, set, now: Time(52) }) else { panic!() };
-    assert_eq!(freed, [chunk(3)]);
+    assert_eq!(freed, [chunk(4).sub(1, 15), chunk(3)]);
     assert_eq!((a.size, a.mtime), (cs + 100, Time(52)));
-    assert_eq!(s.chunks(f, 0).unwrap().map(|(i, _)| i).collect::<Vec<_>>(), [0, 1]);
-    assert_eq!(s.usage().data_pages, 32);
-    // Unlinked and reclaimed: every chunk comes back.
+    assert_eq!(s.extents(f, 0).unwrap().collect::<Vec<_>>(), [(0, chunk(1)), (16, chunk(4).sub(0, 1))]);
+    assert_eq!(s.usage().data_pages, 17);
+    // Unlinked and reclaimed: every page comes back.
     ok(&mut s, unlink(ROOT, "f"));
     let Reply::Freed(freed) = ok(&mut s, Cmd::Reclaim { inos: vec![f] }) else { panic!() };
-    assert_eq!(freed, [chunk(1), chunk(4)]);
+    assert_eq!(freed, [chunk(1), chunk(4).sub(0, 1)]);
     assert_eq!(s.usage(), Usage { inodes: 1, data_pages: 0 });
+}
+
+#[test]
+fn extents_are_cut_by_writes_and_punches_of_whole_units() {
+    let mut s = MetaState::new(4096, 0, 0, Time(1));
+    let f = mkfile(&mut s, ROOT, "f");
+    let run = |page, pages| ChunkRef { blob: 1, page, pages };
+    let write = |chunks| Cmd::Write { ino: f, chunks, end: 8 * 4096, now: Time(60) };
+    ok(&mut s, write(vec![(0, run(100, 8))]));
+    // Pages 2 and 3 rewritten: the extent is cut around them.
+    let Reply::Attr(_, freed) = ok(&mut s, write(vec![(2, run(200, 2))])) else { panic!() };
+    assert_eq!(freed, [run(102, 2)]);
+    let extents: Vec<_> = s.extents(f, 0).unwrap().collect();
+    assert_eq!(extents, [(0, run(100, 2)), (2, run(200, 2)), (4, run(104, 4))]);
+    assert_eq!(s.extents(f, 3).unwrap().next(), Some((2, run(200, 2))), "the extent holding page 3 comes first");
+    assert_eq!(s.extents(f, 8).unwrap().next(), None);
+    // Punching pages 1 to 5 frees parts of three extents.
+    let punch = Cmd::PunchRange { ino: f, holes: (1, 5), chunks: vec![], now: Time(61) };
+    let Reply::Attr(a, freed) = ok(&mut s, punch) else { panic!() };
+    assert_eq!(freed, [run(101, 1), run(200, 2), run(104, 1)]);
+    assert_eq!(a.size, 8 * 4096, "punching keeps the size");
+    let extents: Vec<_> = s.extents(f, 0).unwrap().collect();
+    assert_eq!(extents, [(0, run(100, 1)), (5, run(105, 3))]);
+    // The list-of-units form older builds logged does the same.
+    let legacy = Cmd::Punch { ino: f, holes: vec![0, 6], chunks: vec![], now: Time(62) };
+    let Reply::Attr(_, freed) = ok(&mut s, legacy) else { panic!() };
+    assert_eq!(freed, [run(100, 1), run(106, 1)]);
+    assert_eq!(s.usage().data_pages, 2);
+    s.check().unwrap();
+    // Malformed extents and ranges change nothing.
+    assert_eq!(err(&mut s, write(vec![(0, run(1, 0))])), Errno::EINVAL);
+    let backwards = Cmd::PunchRange { ino: f, holes: (5, 1), chunks: vec![], now: Time(63) };
+    assert_eq!(err(&mut s, backwards), Errno::EINVAL);
+    assert_eq!(err(&mut s, write(vec![(u64::MAX / 4096, run(1, 1))])), Errno::EINVAL);
 }
 
 #[test]
@@ -441,7 +476,8 @@ mod random {
         Rmdir(usize, u8),
         Rename(usize, u8, usize, u8, u8),
         Truncate(usize, u64),
-        Write(usize, u64, u8),
+        Write(usize, u64, u32, u8),
+        Punch(usize, u64, u64),
         Reclaim,
     }
 
@@ -456,7 +492,8 @@ mod random {
             (i.clone(), n.clone()).prop_map(|(d, n)| Op::Rmdir(d, n)),
             (i.clone(), n.clone(), i.clone(), n.clone(), 0..3u8).prop_map(|(a, x, b, y, m)| Op::Rename(a, x, b, y, m)),
             (i.clone(), 0..400_000u64).prop_map(|(f, s)| Op::Truncate(f, s)),
-            (i, 0..8u64, 0..3u8).prop_map(|(f, c, b)| Op::Write(f, c, b)),
+            (i.clone(), 0..8u64, 1..40u32, 0..3u8).prop_map(|(f, c, p, b)| Op::Write(f, c, p, b)),
+            (i, 0..10u64, 0..10u64).prop_map(|(f, a, b)| Op::Punch(f, a.min(b), a.max(b))),
             Just(Op::Reclaim),
         ]
     }
@@ -513,12 +550,13 @@ mod random {
             Op::Truncate(f, size) => {
                 Cmd::SetAttr { ino: pick(&files, f), set: SetAttr { size: Some(size), ..Default::default() }, now }
             }
-            Op::Write(f, c, blob) => Cmd::Write {
+            Op::Write(f, c, pages, blob) => Cmd::Write {
                 ino: pick(&files, f),
-                chunks: vec![(c, ChunkRef { blob: u64::from(blob), page: c * 16, pages: 16 })],
+                chunks: vec![(c, ChunkRef { blob: u64::from(blob), page: c * 16, pages })],
                 end: (c + 1) * s.chunk_size(),
                 now,
             },
+            Op::Punch(f, a, b) => Cmd::PunchRange { ino: pick(&files, f), holes: (a, b), chunks: vec![], now },
             Op::Reclaim => Cmd::Reclaim { inos: s.orphans().collect() },
         }
     }

@@ -212,7 +212,7 @@ impl Attr {
     }
 }
 
-/// Where a chunk of file data lives: a range of pages in a data blob. The
+/// Where an extent of file data lives: a run of pages in a data blob. The
 /// data path fills these in; the metadata keeps them and hands back the
 /// ones an operation lets go of, so their space can be freed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +223,14 @@ pub struct ChunkRef {
     pub page: u64,
     /// Pages.
     pub pages: u32,
+}
+
+impl ChunkRef {
+    /// `pages` pages of this run from its page `skip` on.
+    pub fn sub(self, skip: u64, pages: u64) -> ChunkRef {
+        debug_assert!(skip + pages <= u64::from(self.pages), "{pages} pages from {skip} of {self:?}");
+        ChunkRef { page: self.page + skip, pages: pages as u32, ..self }
+    }
 }
 
 /// One directory entry, as readdir returns it.

@@ -69,13 +69,14 @@ pub struct MetaOptions {
     pub durability: Durability,
     /// Take a snapshot (and let go of the log before it) after this many entries.
     pub snapshot_every: u64,
-    /// Chunk size of a new file system, in bytes.
+    /// Map unit of a new file system, in bytes (a write replaces whole
+    /// units; see [`crate::fs::MetaState`]).
     pub chunk_size: u64,
 }
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        MetaOptions { durability: Durability::WriteBehind, snapshot_every: 10_000, chunk_size: 1 << 20 }
+        MetaOptions { durability: Durability::WriteBehind, snapshot_every: 10_000, chunk_size: 4096 }
     }
 }
 
