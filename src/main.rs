@@ -68,6 +68,9 @@ struct MountArgs {
     bdev: String,
     /// An existing, empty directory.
     mountpoint: PathBuf,
+    /// Write through the kernel's writeback cache (docs/fs.md).
+    #[arg(long)]
+    writeback_cache: bool,
 }
 
 #[derive(clap::Args)]
@@ -156,7 +159,10 @@ fn main() -> ExitCode {
         Command::Up(a) => up::up(a),
         Command::Down(a) => call(&a.socket, "framework_shutdown", None),
         Command::Mount(a) => std::path::absolute(&a.mountpoint).map_err(Into::into).and_then(|path| {
-            call(&a.server.socket, "fs_mount", Some(serde_json::json!({ "bdev_name": a.bdev, "mountpoint": path })))
+            let params = serde_json::json!({
+                "bdev_name": a.bdev, "mountpoint": path, "writeback_cache": a.writeback_cache
+            });
+            call(&a.server.socket, "fs_mount", Some(params))
         }),
         Command::Umount(a) => std::path::absolute(&a.mountpoint)
             .map_err(Into::into)

@@ -36,6 +36,10 @@ pub struct UpArgs {
     /// Cores to run reactors on: hex mask (0x3) or list ([0,2-3]).
     #[arg(short = 'm', long = "cpumask", default_value = "0x1")]
     pub mask: String,
+    /// Write through the kernel's writeback cache (faster buffered writes;
+    /// docs/fs.md says what it changes).
+    #[arg(long)]
+    pub writeback_cache: bool,
 }
 
 /// Parses `4096`, `512m`, `1g`, `2T`.
@@ -88,7 +92,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         ),
         call(
             "fs_mount",
-            Some(json!({ "bdev_name": "Uring0", "mountpoint": args.mount })),
+            Some(json!({ "bdev_name": "Uring0", "mountpoint": args.mount, "writeback_cache": args.writeback_cache })),
             format!("mounting on {}", args.mount.display()),
         ),
     ]

@@ -72,6 +72,11 @@ impl Up {
     }
 
     fn spawn_sized(dir: &Path, image: &Path, mount: &Path, size: &str) -> Up {
+        Self::spawn_with(dir, image, mount, size, &[])
+    }
+
+    /// `up` with a new image of `size` and `extra` options.
+    fn spawn_with(dir: &Path, image: &Path, mount: &Path, size: &str, extra: &[&str]) -> Up {
         let socket = dir.join("up.sock");
         let _ = std::fs::remove_file(&socket);
         let mut child = Command::new(BIN)
@@ -80,6 +85,7 @@ impl Up {
             .arg(image)
             .args(["--size", size, "--mount"])
             .arg(mount)
+            .args(extra)
             .arg("-r")
             .arg(&socket)
             .stdout(Stdio::null())
@@ -458,12 +464,63 @@ fn pjdfstest_passes_on_the_mount() {
         return;
     };
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/pjdfstest.toml");
+    // Without and with the kernel's writeback cache.
+    for extra in [&[][..], &["--writeback-cache"]] {
+        let up = Up::spawn_with(dir.path(), &image, &mnt, "256m", extra).wait_mounted().unwrap();
+        let work = mnt.join("work");
+        std::fs::create_dir(&work).unwrap();
+        let out = Command::new(&bin).arg("-c").arg(&config).arg("-p").arg(&work).current_dir(&work).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let summary = text.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary line").to_string();
+        eprintln!("pjdfstest {extra:?}: {summary}");
+        let failed: Vec<&str> = text.lines().filter(|l| l.trim_end().ends_with("FAILED")).collect();
+        assert!(
+            out.status.success() && summary.starts_with("Summary: 0 failed"),
+            "{extra:?}: {summary}\n{}",
+            failed.join("\n")
+        );
+        std::fs::remove_dir_all(&work).unwrap();
+        up.down();
+    }
+}
+
+/// With the writeback cache, writes sit in the kernel until written back:
+/// `down` writes them back before it stops, `fsync` before it returns; and
+/// the kernel's hold on unlinked inodes (until it forgets them) does not
+/// leak them.
+#[test]
+fn the_writeback_cache_loses_nothing_at_down_or_after_fsync() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let wb = |dir: &Path| Up::spawn_with(dir, &image, &mnt, "256m", &["--writeback-cache"]).wait_mounted().unwrap();
+    let inodes = |up: &Up| -> u64 {
+        let out = Command::new(BIN).args(["rpc", "fs_get_stats", "-s"]).arg(&up.socket).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().and_then(|a| a.first()).unwrap_or(&v)["inodes"].as_u64().unwrap_or_else(|| panic!("{v}"))
+    };
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 13 + i / 4096) as u8).collect();
+    let up = wb(dir.path());
+    let before = inodes(&up);
+    std::fs::write(mnt.join("unsynced"), &data).unwrap();
+    for i in 0..200 {
+        std::fs::write(mnt.join(format!("t{i}")), b"x").unwrap();
+    }
+    for i in 0..200 {
+        std::fs::remove_file(mnt.join(format!("t{i}"))).unwrap();
+    }
+    // Deleted inodes go once the kernel forgets them (soon: nothing holds them).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inodes(&up) != before + 1 {
+        assert!(Instant::now() < deadline, "unlinked inodes were not reclaimed: {} for {}", inodes(&up), before + 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up.down();
+    let up = wb(dir.path());
+    assert_eq!(std::fs::read(mnt.join("unsynced")).unwrap(), data, "written back at down");
+    let mut f = std::fs::File::create(mnt.join("synced")).unwrap();
+    f.write_all(&data[..1_000_000]).unwrap();
+    f.sync_all().unwrap();
+    up.kill9();
     let up = Up::start(dir.path(), &image, &mnt).unwrap();
-    let out = Command::new(bin).arg("-c").arg(&config).arg("-p").arg(&mnt).current_dir(&mnt).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let summary = text.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary line").to_string();
-    eprintln!("pjdfstest: {summary}");
-    let failed: Vec<&str> = text.lines().filter(|l| l.trim_end().ends_with("FAILED")).collect();
-    assert!(out.status.success() && summary.starts_with("Summary: 0 failed"), "{summary}\n{}", failed.join("\n"));
+    assert_eq!(std::fs::read(mnt.join("synced")).unwrap(), &data[..1_000_000], "written back by fsync");
     up.down();
 }

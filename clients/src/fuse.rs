@@ -7,7 +7,17 @@
 //! (`default_permissions`). Attributes and entries are cached by the kernel
 //! for [`TTL`]: every change goes through this mount, which is the only
 //! client of a single-node file system, so what the kernel caches is what
-//! the file system holds.
+//! the file system holds. For the same reason writes may go through the
+//! kernel's writeback cache (a mount option, off by default): the kernel
+//! then keeps the size and times of a file with dirty pages and writes the
+//! pages back in large, concurrent requests; `fsync` writes them back and
+//! then syncs the file system. O_DIRECT bypasses the cache, and its
+//! asynchronous requests reach us concurrently.
+//!
+//! The kernel may use an inode number it was handed (by a lookup, a create
+//! or a directory listing) until it forgets it, even after the inode's last
+//! link is gone: every such reply counts a lookup, and an unlinked inode is
+//! reclaimed only once it is neither open nor looked up.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -47,16 +57,46 @@ pub fn mount_config() -> fuser::Config {
     config
 }
 
+/// Share of the system's dirty-page limit the mount may hold, in percent.
+/// The kernel gives a FUSE mount 1% (with a strict limit), which stalls a
+/// writer after a few MiB of the writeback cache; ClaudeFS's server is
+/// trusted (root), so it may hold as much as a local disk would.
+const DIRTY_RATIO: u32 = 20;
+
+/// Readahead of the mount, in KiB: one largest request.
+const READAHEAD_KB: u32 = MAX_WRITE / 1024;
+
+/// Sets the writeback and readahead limits of the mount on `path` (whose
+/// kernel defaults are far below what a local disk gets: [`DIRTY_RATIO`]).
+/// A limit that cannot be set is logged, and the mount works on with the
+/// kernel's.
+pub fn tune(path: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(path) {
+        Ok(m) => m.dev(),
+        Err(e) => return tracing::warn!("{}: cannot find the mount's device to tune it: {e}", path.display()),
+    };
+    let bdi = format!("/sys/class/bdi/{}:{}", libc::major(dev), libc::minor(dev));
+    for (name, value) in [("max_ratio", DIRTY_RATIO), ("read_ahead_kb", READAHEAD_KB)] {
+        let file = format!("{bdi}/{name}");
+        if let Err(e) = std::fs::write(&file, value.to_string()) {
+            tracing::warn!("{}: setting {file} to {value}: {e}; the kernel's default stays", path.display());
+        }
+    }
+}
+
 /// A FUSE file system over a [`FileSystem`].
 pub struct Fuse {
     fs: Arc<FileSystem>,
     rt: tokio::runtime::Handle,
+    writeback_cache: bool,
 }
 
 impl Fuse {
-    /// Serves `fs`, running its work on `rt`.
-    pub fn new(fs: Arc<FileSystem>, rt: tokio::runtime::Handle) -> Fuse {
-        Fuse { fs, rt }
+    /// Serves `fs`, running its work on `rt`, with the kernel's writeback
+    /// cache if `writeback_cache` (docs/fs.md says when it is safe).
+    pub fn new(fs: Arc<FileSystem>, rt: tokio::runtime::Handle, writeback_cache: bool) -> Fuse {
+        Fuse { fs, rt, writeback_cache }
     }
 
     /// Runs `f` as a task with the file system.
@@ -134,9 +174,14 @@ fn name_of(name: &OsStr) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
 
-fn reply_entry(reply: ReplyEntry, r: Result<Reply, Errno>) {
+/// Replies with a new entry (counting the kernel's lookup of it first: it
+/// may forget it as soon as it has the reply).
+fn reply_entry(fs: &FileSystem, reply: ReplyEntry, r: Result<Reply, Errno>) {
     match r {
-        Ok(Reply::Entry(a)) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+        Ok(Reply::Entry(a)) => {
+            fs.looked_up(a.ino);
+            reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
+        }
         Ok(other) => {
             tracing::error!("fuse: an entry was expected, the file system replied {other:?}");
             reply.error(fuser::Errno::EIO)
@@ -174,14 +219,28 @@ impl Filesystem for Fuse {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        if self.writeback_cache && config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE).is_err() {
+            tracing::warn!("the kernel offers no writeback cache: writes go through");
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.meta().read(|s| s.lookup(parent.0, name.as_bytes()).cloned()) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+            Ok(a) => {
+                self.fs.looked_up(a.ino);
+                reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
+            }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.spawn(move |fs| async move {
+            if let Err(e) = fs.forgotten(ino.0, nlookup).await {
+                tracing::error!("reclaiming inode {} after the kernel forgot it: {e}", ino.0);
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -246,12 +305,12 @@ impl Filesystem for Fuse {
             rdev,
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let cmd = Cmd::Mkdir { parent: parent.0, name: name_of(name), perm: mode & !umask & 0o7777, by: creator(req) };
-        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -271,7 +330,7 @@ impl Filesystem for Fuse {
             target: target.as_os_str().as_bytes().to_vec(),
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
     }
 
     fn rename(
@@ -306,7 +365,7 @@ impl Filesystem for Fuse {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let cmd = Cmd::Link { ino: ino.0, parent: newparent.0, name: name_of(newname), now: now() };
-        self.spawn(move |fs| async move { reply_entry(reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -354,6 +413,7 @@ impl Filesystem for Fuse {
         self.spawn(move |fs| async move {
             match fs.apply(cmd).await {
                 Ok(Reply::Entry(a)) => {
+                    fs.looked_up(a.ino);
                     fs.opened(a.ino);
                     reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(0), OPEN_FLAGS);
                 }
@@ -467,6 +527,10 @@ impl Filesystem for Fuse {
                     let name = OsStr::from_bytes(&e.name);
                     if reply.add(INodeNo(e.ino), e.cookie, name, &TTL, &attr, Generation(a.generation)) {
                         break;
+                    }
+                    // The kernel takes a lookup of every entry but `.` and `..`.
+                    if e.name != b"." && e.name != b".." {
+                        self.fs.looked_up(e.ino);
                     }
                 }
                 reply.ok();

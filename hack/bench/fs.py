@@ -83,8 +83,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "hack/bench/results/fs.json")
 BASE = "/var/tmp/claudefs-bench"
-FILESYSTEMS = ["claudefs", "ext4", "gluster", "moosefs"]
-NAME = {"claudefs": "ClaudeFS", "ext4": "ext4 (loop)", "gluster": "GlusterFS", "moosefs": "MooseFS"}
+FILESYSTEMS = ["claudefs", "claudefs_wb", "ext4", "gluster", "moosefs"]
+NAME = {"claudefs": "ClaudeFS", "claudefs_wb": "ClaudeFS (writeback cache)", "ext4": "ext4 (loop)",
+        "gluster": "GlusterFS", "moosefs": "MooseFS"}
+OURS = ["claudefs", "claudefs_wb"]
 PEERS = ["ext4", "gluster", "moosefs"]
 FILES, DIRS, SMALL, SMALL_SIZE = 5000, 2000, 2000, 4096
 FIO_SIZE = "512m"  # fio's notation: 512 MiB
@@ -186,9 +188,10 @@ def drop_caches():
 # ---------------------------------------------------------------- file systems
 
 class ClaudeFS:
-    def __init__(self, binary):
+    def __init__(self, binary, writeback_cache=False):
         self.bin = binary
-        self.mnt = os.path.join(BASE, "claudefs")
+        self.extra = ["--writeback-cache"] if writeback_cache else []
+        self.mnt = os.path.join(BASE, "claudefs_wb" if writeback_cache else "claudefs")
         self.image = os.path.join(BASE, "disk.img")
         self.sock = os.path.join(BASE, "claudefs.sock")
         self.log = os.path.join(BASE, "claudefs.log")
@@ -203,8 +206,8 @@ class ClaudeFS:
         for p in (self.image, self.sock, self.log):
             if os.path.exists(p):
                 os.unlink(p)
-        self.proc = daemon([self.bin, "up", "--image", self.image, "--size", "4g", "--mount", self.mnt, "-r", self.sock],
-                           self.log)
+        self.proc = daemon([self.bin, "up", "--image", self.image, "--size", "4g", "--mount", self.mnt, "-r", self.sock,
+                            *self.extra], self.log)
 
         def ready():
             if not os.path.exists(self.sock):
@@ -677,10 +680,10 @@ def medians(fs):
     return {m: median([r["values"].get(m) for r in fs["reps"]]) for m, _, _ in METRICS}
 
 
-def ratio(results, metric, peer):
+def ratio(results, metric, peer, ours="claudefs"):
     """ClaudeFS/peer: median of the per-rep ratios when both ran in the same run,
     else the ratio of the medians (marked)."""
-    a, b = results["fs"].get("claudefs"), results["fs"].get(peer)
+    a, b = results["fs"].get(ours), results["fs"].get(peer)
     if not a or not b:
         return None, []
     if a["run"] == b["run"]:
@@ -693,7 +696,7 @@ def ratio(results, metric, peer):
 
 def report(results):
     present = [f for f in FILESYSTEMS if f in results["fs"]]
-    peers = [p for p in PEERS if p in present and "claudefs" in present]
+    peers = [p for p in PEERS if p in present and any(o in present for o in OURS)]
     runs = {(results["fs"][f]["run"], len(results["fs"][f]["reps"]), results["fs"][f].get("secs", results["secs"]))
             for f in present}
     if len(runs) == 1:
@@ -718,13 +721,14 @@ def report(results):
                 cell += " (error)"
             cells.append(cell)
         print(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
-    if peers:
-        print("\n| workload: ClaudeFS / peer (median of per-rep ratios) | " + " | ".join(NAME[p] for p in peers) + " |")
+    for ours in [o for o in OURS if o in present and peers]:
+        print(f"\n| workload: {NAME[ours]} / peer (median of per-rep ratios) | " + " | ".join(NAME[p] for p in peers)
+              + " |")
         print("|---" * (len(peers) + 1) + "|")
         for m, label, _ in METRICS:
             cells = []
             for p in peers:
-                r, rs = ratio(results, m, p)
+                r, rs = ratio(results, m, p, ours)
                 cells.append("–" if r is None else f"{r:.2f}" + ("" if rs is not None else " (other run)"))
             print(f"| {label} | " + " | ".join(cells) + " |")
         print("\n| goal | measured | |")
@@ -732,11 +736,11 @@ def report(results):
         for m, p, want in GOALS:
             if p not in peers:
                 continue
-            r, _ = ratio(results, m, p)
+            r, _ = ratio(results, m, p, ours)
             label = dict((k, lab) for k, lab, _ in METRICS)[m]
             got = "–" if r is None else f"{r:.2f}x"
             met = "not measured" if r is None else ("met" if r >= want else "not met")
-            print(f"| {label}: ClaudeFS >= {want}x {NAME[p]} | {got} | {met} |")
+            print(f"| {label}: {NAME[ours]} >= {want}x {NAME[p]} | {got} | {met} |")
     pj = {f: results["fs"][f].get("pjdfstest") for f in present if results["fs"][f].get("pjdfstest")}
     if pj:
         print("\n| pjdfstest (configs/pjdfstest.toml) | failed | skipped | passed |")
@@ -746,10 +750,10 @@ def report(results):
                 print(f"| {NAME[f]} | {r['failed']} | {r['skipped']} | {r['passed']} |")
             else:
                 print(f"| {NAME[f]} | {r.get('error', '?')[:80]} | | |")
-        if "claudefs" in pj:
-            c = pj["claudefs"]
+        for ours in [o for o in OURS if o in pj]:
+            c = pj[ours]
             ok = c.get("failed") == 0
-            print(f"\nGoal: no pjdfstest failure on ClaudeFS: {'met' if ok else 'not met'}"
+            print(f"\nGoal: no pjdfstest failure on {NAME[ours]}: {'met' if ok else 'not met'}"
                   + ("" if ok else f" ({c.get('failed', c.get('error'))}: {', '.join(c.get('failures', [])[:10])})"))
     for f in present:
         for i, r in enumerate(results["fs"][f]["reps"]):
@@ -762,7 +766,7 @@ def plot(results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     present = [f for f in FILESYSTEMS if f in results["fs"]]
-    colors = {"claudefs": "tab:blue", "ext4": "tab:gray", "gluster": "tab:orange", "moosefs": "tab:green"}
+    colors = {"claudefs": "tab:blue", "claudefs_wb": "tab:cyan", "ext4": "tab:gray", "gluster": "tab:orange", "moosefs": "tab:green"}
 
     def bars(ax, metrics, ylabel, title, log_scale):
         width = 0.8 / len(present)
@@ -848,7 +852,7 @@ def main():
     signal.signal(signal.SIGTERM, interrupted)
     subprocess.run([os.path.join(ROOT, "hack/deps.sh"), "bench"], check=True)
     binary = os.environ.get("CLAUDEFS_BIN")
-    if "claudefs" in chosen and not binary:
+    if set(OURS) & set(chosen) and not binary:
         subprocess.run(["cargo", "build", "--release", "--bin", "claudefs"], check=True, cwd=ROOT)
         binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/claudefs")
     if not a.no_pjdfstest and not pjdfstest_bin():
@@ -858,7 +862,8 @@ def main():
 
     preflight_cleanup()
     os.makedirs(BASE, exist_ok=True)
-    make = {"claudefs": lambda: ClaudeFS(binary), "ext4": Ext4, "gluster": Gluster, "moosefs": MooseFS}
+    make = {"claudefs": lambda: ClaudeFS(binary), "claudefs_wb": lambda: ClaudeFS(binary, writeback_cache=True),
+            "ext4": Ext4, "gluster": Gluster, "moosefs": MooseFS}
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()

@@ -26,6 +26,10 @@ pub struct MountParams {
     /// Larger units make smaller maps and costlier small writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<u64>,
+    /// Write through the kernel's writeback cache (default false): much
+    /// faster buffered writes; see docs/fs.md for what it changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub writeback_cache: bool,
 }
 
 /// Parameters naming a mount.
@@ -100,8 +104,7 @@ async fn stop(m: Mount) -> Result<(), RpcError> {
 /// already a mount point, naming which.
 fn check_mountpoint(path: &Path) -> Result<PathBuf, RpcError> {
     let bad = |errno, what: &str| Err(RpcError::errno(errno, format!("mount point {}: {what}", path.display())));
-    if let Err(e) = std::fs::metadata(path)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
+    if server_gone(path)
         && mount_type(path).is_some_and(|(fstype, source)| fstype.starts_with("fuse") && source == "claudefs")
     {
         // A ClaudeFS mount whose server died (kill -9, a crash): the kernel
@@ -131,6 +134,20 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, RpcError> {
         Ok(false) => Ok(canonical),
         Err(e) => bad(e.raw_os_error().unwrap_or(libc::EIO), &e.to_string()),
     }
+}
+
+/// Whether the FUSE mount on `path` has lost its server: statfs says
+/// ENOTCONN. (statfs always asks the server; stat may be answered from the
+/// kernel's attribute cache for a while after the server died.)
+fn server_gone(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statvfs is plain data, for which all zeros is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs,
+    // both outliving the call.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Whether `path` (canonical) is a mount point.
@@ -199,11 +216,12 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                     .map_err(|e| RpcError::errno(libc::EIO, e.to_string()))?
                     .map_err(fs_err)?;
                 let fs = Arc::new(fs);
-                let fuse = clients::fuse::Fuse::new(fs.clone(), rt.handle().clone());
+                let fuse = clients::fuse::Fuse::new(fs.clone(), rt.handle().clone(), p.writeback_cache);
                 let config = clients::fuse::mount_config();
                 let session = fuser::spawn_mount(fuse, &path, &config).map_err(|e| {
                     RpcError::errno(e.raw_os_error().unwrap_or(libc::EIO), format!("mounting {}: {e}", path.display()))
                 })?;
+                clients::fuse::tune(&path);
                 tracing::info!(bdev = p.bdev_name, "file system mounted on {}", path.display());
                 let out = json!({ "mountpoint": path, "bdev_name": p.bdev_name });
                 a.fs.lock().insert(path, Mount { params: p, fs, session });

@@ -70,11 +70,11 @@ struct PageAlloc {
     seq: u64,
     /// Tickets of reads in flight: sequence → count.
     reads: BTreeMap<u64, u32>,
-    /// Frees waiting for older reads: (sequence, chunk).
-    deferred: Vec<(u64, ChunkRef)>,
+    /// Frees waiting for older reads: sequence → runs.
+    deferred: BTreeMap<u64, Vec<ChunkRef>>,
     /// Frees waiting for the log record of the command that made them:
-    /// (record, chunk).
-    unlogged: Vec<(u64, ChunkRef)>,
+    /// record → runs.
+    unlogged: BTreeMap<u64, Vec<ChunkRef>>,
 }
 
 /// A read in flight; freed pages stay untouched until it is dropped.
@@ -107,8 +107,8 @@ impl PageAlloc {
             pages_per_cluster,
             seq: 0,
             reads: BTreeMap::new(),
-            deferred: Vec::new(),
-            unlogged: Vec::new(),
+            deferred: BTreeMap::new(),
+            unlogged: BTreeMap::new(),
         }
     }
 
@@ -151,26 +151,41 @@ impl PageAlloc {
     }
 
     /// A free run of `n` pages, next-fit from the hint; with `backed_only`,
-    /// only in backed clusters.
+    /// only in backed clusters. Whole used words, free words and clusters
+    /// out of reach are stepped over at once.
     fn find_in(&self, n: u64, backed_only: bool) -> Option<u64> {
         if n > self.free {
             return None;
         }
-        let mut run = 0;
-        let mut checked = 0;
-        let mut p = self.hint;
+        let ppc = self.pages_per_cluster;
+        // Whether a word of the bitmap lies within one cluster.
+        let words_in_clusters = ppc % 64 == 0;
+        let (mut run, mut checked, mut p) = (0, 0, self.hint.min(self.pages));
         while checked < self.pages + n {
             if p == self.pages {
                 p = 0;
                 run = 0;
             }
-            // Whole free or used words at a time.
-            if run == 0 && p % 64 == 0 && p + 64 <= self.pages && self.bits[(p / 64) as usize] == u64::MAX {
-                p += 64;
-                checked += 64;
+            if backed_only && !self.backed[(p / ppc) as usize] {
+                let next = ((p / ppc + 1) * ppc).min(self.pages);
+                (checked, p, run) = (checked + next - p, next, 0);
                 continue;
             }
-            if self.is_used(p) || (backed_only && !self.backed[(p / self.pages_per_cluster) as usize]) {
+            if p % 64 == 0 && p + 64 <= self.pages {
+                let word = self.bits[(p / 64) as usize];
+                if word == u64::MAX {
+                    (checked, p, run) = (checked + 64, p + 64, 0);
+                    continue;
+                }
+                if word == 0 && (!backed_only || words_in_clusters) {
+                    if run + 64 >= n {
+                        return Some(p - run);
+                    }
+                    (checked, p, run) = (checked + 64, p + 64, run + 64);
+                    continue;
+                }
+            }
+            if self.is_used(p) {
                 run = 0;
             } else {
                 run += 1;
@@ -188,15 +203,13 @@ impl PageAlloc {
     fn free(&mut self, chunks: impl IntoIterator<Item = ChunkRef>) {
         self.seq += 1;
         let seq = self.seq;
-        self.deferred.extend(chunks.into_iter().map(|c| (seq, c)));
+        self.deferred.entry(seq).or_default().extend(chunks);
         self.release_deferred();
     }
 
     fn release_deferred(&mut self) {
         let oldest = self.reads.keys().next().copied().unwrap_or(u64::MAX);
-        let (ready, wait): (Vec<_>, Vec<_>) = self.deferred.drain(..).partition(|&(seq, _)| seq <= oldest);
-        self.deferred = wait;
-        for (_, c) in ready {
+        for c in take_up_to(&mut self.deferred, oldest) {
             self.set(c, false);
         }
     }
@@ -241,13 +254,9 @@ impl DataPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PageAlloc> {
         let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-        if !a.unlogged.is_empty() {
-            let durable = *self.durable.borrow();
-            let (ready, wait): (Vec<_>, Vec<_>) = a.unlogged.drain(..).partition(|&(r, _)| r <= durable);
-            a.unlogged = wait;
-            if !ready.is_empty() {
-                a.free(ready.into_iter().map(|(_, c)| c));
-            }
+        if a.unlogged.first_key_value().is_some_and(|(&r, _)| r <= *self.durable.borrow()) {
+            let ready = take_up_to(&mut a.unlogged, *self.durable.borrow());
+            a.free(ready);
         }
         a
     }
@@ -315,7 +324,7 @@ impl DataPool {
     /// at them: they must not be written over.
     pub fn free_after(&self, record: u64, chunks: impl IntoIterator<Item = ChunkRef>) {
         let mut a = self.lock();
-        a.unlogged.extend(chunks.into_iter().map(|c| (record, c)));
+        a.unlogged.entry(record).or_default().extend(chunks);
     }
 
     /// Whether frees are waiting for their commands' log records (a
@@ -352,12 +361,9 @@ impl DataPool {
         Ok(())
     }
 
-    /// Writes `data` (padded with zeros to whole pages) to a run's pages.
-    pub async fn write(&self, c: ChunkRef, data: &[u8]) -> Result<(), Errno> {
-        debug_assert!(data.len() <= c.pages as usize * PAGE_SIZE);
-        let mut buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
-        buf[..data.len()].copy_from_slice(data);
-        buf[data.len()..].fill(0);
+    /// Writes `buf` (as long as the run) to a run's pages.
+    pub async fn write(&self, c: ChunkRef, buf: DmaBuf) -> Result<(), Errno> {
+        debug_assert_eq!(buf.len(), c.pages as usize * PAGE_SIZE);
         let done = self.store.io(self.reactor(), BlobIo::write(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
         done.status.map_err(|e| {
             tracing::error!("writing file data at pool page {} failed: {e}", c.page);
@@ -372,6 +378,13 @@ impl DataPool {
         let done = self.store.io(self.reactor(), BlobIo::flush(&self.blob, 0)).await.map_err(io_err)?;
         done.status.map_err(|e| Errno(e.errno()))
     }
+}
+
+/// The runs of `waiting` under keys up to `key`, taken out.
+fn take_up_to(waiting: &mut BTreeMap<u64, Vec<ChunkRef>>, key: u64) -> Vec<ChunkRef> {
+    let later = key.checked_add(1).map(|k| waiting.split_off(&k)).unwrap_or_default();
+    let ready = std::mem::replace(waiting, later);
+    ready.into_values().flatten().collect()
 }
 
 fn io_err(e: crate::BlobError) -> Errno {
@@ -417,6 +430,43 @@ mod tests {
         assert_eq!(a.unbacked(14, 4), [0, 1]);
     }
 
+    /// The word- and cluster-skipping search finds what a search page by
+    /// page finds, on random pools.
+    #[test]
+    fn the_fast_search_agrees_with_a_search_page_by_page() {
+        fn slow(a: &PageAlloc, n: u64, backed_only: bool) -> Option<u64> {
+            let ok = |p: u64| !a.is_used(p) && (!backed_only || a.backed[(p / a.pages_per_cluster) as usize]);
+            (0..a.pages).find(|&s| s + n <= a.pages && (s..s + n).all(ok))
+        }
+        let mut rng = fastrand::Rng::with_seed(3);
+        for round in 0..400 {
+            let ppc = [16, 64, 256][round % 3];
+            let pages = ppc * rng.u64(1..12);
+            let mut a = PageAlloc::new(pages, ppc, (0..pages / ppc).map(|_| rng.bool()).collect());
+            let mut p = 0;
+            while p < pages {
+                let len = rng.u64(1..200).min(pages - p);
+                if rng.u8(..3) == 0 {
+                    a.set(chunk(p, len as u32), true);
+                }
+                p += len;
+            }
+            a.hint = rng.u64(..pages);
+            for n in [1, 3, 64, 65, 130, 300] {
+                for backed_only in [true, false] {
+                    let got = a.find_in(n, backed_only);
+                    if let Some(s) = got {
+                        assert!(s + n <= pages && (s..s + n).all(|q| !a.is_used(q)), "round {round}: {s}+{n} is not free");
+                        if backed_only {
+                            assert!((s..s + n).all(|q| a.backed[(q / ppc) as usize]), "round {round}: unbacked");
+                        }
+                    }
+                    assert_eq!(got.is_some(), slow(&a, n, backed_only).is_some(), "round {round}: n {n} {backed_only}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn frees_wait_for_reads_that_began_before_them() {
         let mut a = alloc(64);
@@ -424,7 +474,7 @@ mod tests {
         // A read in flight (ticket of sequence 0), then a free at sequence 1.
         *a.reads.entry(0).or_default() += 1;
         a.seq = 1;
-        a.deferred.push((1, chunk(0, 8)));
+        a.deferred.insert(1, vec![chunk(0, 8)]);
         a.release_deferred();
         assert_eq!(a.free, 0, "the read might still be reading those pages");
         a.reads.clear();

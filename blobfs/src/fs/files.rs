@@ -1,7 +1,7 @@
 //! The file system as a whole: metadata through the Raft group, file data
 //! in the data pool, and what ties them together — chunk writes before the
-//! commands that map them, freeing what commands let go of, open counts that
-//! keep unlinked files alive, and `fsync`.
+//! commands that map them, freeing what commands let go of, the open handles
+//! and lookups that keep unlinked files alive, and `fsync`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,8 +28,9 @@ pub struct FileSystem {
     /// Per file: held shared by writes of whole units, alone by everything
     /// that reads what it rewrites (see [`FileSystem::write`]).
     writers: Mutex<HashMap<Ino, Arc<tokio::sync::RwLock<()>>>>,
-    /// Open handles per inode: an unlinked inode lives while it has any.
-    open: Mutex<HashMap<Ino, u32>>,
+    /// What clients hold of each inode: an unlinked inode lives while it
+    /// is held.
+    refs: Mutex<HashMap<Ino, Refs>>,
     /// The pool blob, open until [`FileSystem::shutdown`].
     pool: super::HeldBlob,
     /// A snapshot to make room is under way.
@@ -66,7 +67,7 @@ impl FileSystem {
             data,
             chunk_size,
             writers: Mutex::default(),
-            open: Mutex::default(),
+            refs: Mutex::default(),
             pool: super::HeldBlob::new(handle),
             compacting: Arc::default(),
         };
@@ -116,11 +117,11 @@ impl FileSystem {
                 self.data.free_after(self.meta.log_position(), freed.iter().copied())
             }
             Reply::Removed { orphaned } => {
-                let closed: Vec<Ino> = {
-                    let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-                    orphaned.iter().copied().filter(|i| !open.contains_key(i)).collect()
+                let unheld: Vec<Ino> = {
+                    let refs = self.refs();
+                    orphaned.iter().copied().filter(|i| !refs.contains_key(i)).collect()
                 };
-                self.reclaim(closed).await?;
+                self.reclaim(unheld).await?;
             }
             Reply::Entry(_) | Reply::Done => {}
         }
@@ -153,26 +154,43 @@ impl FileSystem {
         Ok(())
     }
 
-    /// Records an open handle of `ino`.
-    pub fn opened(&self, ino: Ino) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()).entry(ino).or_default() += 1;
+    fn refs(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Refs>> {
+        self.refs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops an open handle; the last one of an unlinked inode frees it.
+    /// Records an open handle of `ino`.
+    pub fn opened(&self, ino: Ino) {
+        self.refs().entry(ino).or_default().open += 1;
+    }
+
+    /// Drops an open handle; the last hold of an unlinked inode frees it.
     pub async fn released(&self, ino: Ino) -> Result<(), Errno> {
+        self.unhold(ino, |r| r.open = r.open.saturating_sub(1)).await
+    }
+
+    /// Records that a client (the kernel, for FUSE) was handed `ino` by a
+    /// lookup, create or directory listing: it may use the inode number
+    /// until it forgets it, even after the inode's last link is gone.
+    pub fn looked_up(&self, ino: Ino) {
+        self.refs().entry(ino).or_default().lookups += 1;
+    }
+
+    /// The client forgets `n` lookups of `ino`; the last hold of an
+    /// unlinked inode frees it.
+    pub async fn forgotten(&self, ino: Ino, n: u64) -> Result<(), Errno> {
+        self.unhold(ino, |r| r.lookups = r.lookups.saturating_sub(n)).await
+    }
+
+    async fn unhold(&self, ino: Ino, drop: impl FnOnce(&mut Refs)) -> Result<(), Errno> {
         let last = {
-            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            match open.get_mut(&ino) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    open.remove(&ino);
-                    true
-                }
-                None => false,
+            let mut refs = self.refs();
+            let Some(r) = refs.get_mut(&ino) else { return Ok(()) };
+            drop(r);
+            let last = r.open == 0 && r.lookups == 0;
+            if last {
+                refs.remove(&ino);
             }
+            last
         };
         if last {
             self.forget_writer(ino);
@@ -304,16 +322,6 @@ impl FileSystem {
         data: &[u8],
     ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
         debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
-        let mut buf = vec![0u8; (to - from) as usize];
-        let (head, rest) = buf.split_at_mut((new.start - from) as usize);
-        let (fresh, tail) = rest.split_at_mut((new.end - new.start) as usize);
-        if !head.is_empty() {
-            self.read_into(ino, from, head).await?;
-        }
-        if !tail.is_empty() {
-            self.read_into(ino, new.end, tail).await?;
-        }
-        fresh[..data.len()].copy_from_slice(data);
         let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
         let runs = match self.data.alloc(pages, up) {
             // Space a delete let go of comes back once the delete is
@@ -324,20 +332,61 @@ impl FileSystem {
             }
             r => r?,
         };
-        let mut extents = Vec::with_capacity(runs.len());
-        let mut writes = Vec::with_capacity(runs.len());
-        let (mut page, mut rest) = (from / PAGE, &buf[..]);
-        for &run in &runs {
-            let (bytes, after) = rest.split_at((u64::from(run.pages) * PAGE).min(rest.len() as u64) as usize);
-            extents.push((page / up, run));
-            writes.push(self.data.write(run, bytes));
-            (page, rest) = (page + u64::from(run.pages), after);
+        let written = async {
+            let mut writes = Vec::with_capacity(runs.len());
+            let mut at = from;
+            for &run in &runs {
+                let buf = self.fill(ino, at, &new, data, run).await?;
+                writes.push(self.data.write(run, buf));
+                at += u64::from(run.pages) * PAGE;
+            }
+            futures_util::future::try_join_all(writes).await
         }
-        if let Err(e) = futures_util::future::try_join_all(writes).await {
+        .await;
+        if let Err(e) = written {
             self.data.free(runs);
             return Err(e);
         }
-        Ok(extents)
+        let mut page = from / PAGE;
+        Ok(runs
+            .into_iter()
+            .map(|run| {
+                let unit = page / up;
+                page += u64::from(run.pages);
+                (unit, run)
+            })
+            .collect())
+    }
+
+    /// A buffer for `run`, to hold the file's bytes from `at` on as
+    /// [`FileSystem::rewrite`] describes: `data` at `new.start`, zeros in
+    /// the rest of `new`, what the file holds now elsewhere.
+    async fn fill(
+        &self,
+        ino: Ino,
+        at: u64,
+        new: &std::ops::Range<u64>,
+        data: &[u8],
+        run: ChunkRef,
+    ) -> Result<pmd::DmaBuf, Errno> {
+        let end = at + u64::from(run.pages) * PAGE;
+        let mut buf = pmd::DmaBuf::new((end - at) as usize).map_err(|e| {
+            tracing::error!("no DMA memory for a write of {} pages: {e}", run.pages);
+            Errno::EIO
+        })?;
+        let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
+        let (old, fresh) = ([at..a, b..end], a..b);
+        for part in old.into_iter().filter(|p| !p.is_empty()) {
+            let bytes = &mut buf[(part.start - at) as usize..(part.end - at) as usize];
+            bytes.fill(0);
+            self.read_into(ino, part.start, bytes).await?;
+        }
+        let bytes = &mut buf[(fresh.start - at) as usize..(fresh.end - at) as usize];
+        let src = data.get((fresh.start - new.start) as usize..).unwrap_or_default();
+        let n = src.len().min(bytes.len());
+        bytes[..n].copy_from_slice(&src[..n]);
+        bytes[n..].fill(0);
+        Ok(buf)
     }
 
     /// Maps freshly written extents by the command `cmd` makes of them,
@@ -468,6 +517,15 @@ impl FileSystem {
         self.meta.shutdown().await?;
         self.pool.close("data pool").await
     }
+}
+
+/// What clients hold of an inode.
+#[derive(Debug, Default)]
+struct Refs {
+    /// Open handles.
+    open: u32,
+    /// Lookups not yet forgotten.
+    lookups: u64,
 }
 
 /// The attributes a command changing one inode (write, setattr, punch)
