@@ -33,8 +33,8 @@ pub struct FileSystem {
     refs: Mutex<HashMap<Ino, Refs>>,
     /// The pool blob, open until [`FileSystem::shutdown`].
     pool: super::HeldBlob,
-    /// A snapshot to make room is under way.
-    compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// Held while a snapshot to make room is under way.
+    compaction: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FileSystem {
@@ -69,7 +69,7 @@ impl FileSystem {
             writers: Mutex::default(),
             refs: Mutex::default(),
             pool: super::HeldBlob::new(handle),
-            compacting: Arc::default(),
+            compaction: Arc::default(),
         };
         let orphans: Vec<Ino> = fs.meta.orphans().into_iter().collect();
         if !orphans.is_empty() {
@@ -110,6 +110,10 @@ impl FileSystem {
             if !frees {
                 return Err(Errno::ENOSPC);
             }
+            // Wait for the snapshot: records logged meanwhile would spend the
+            // last clusters it needs, and a log or snapshot write that finds
+            // no room stops the metadata group.
+            drop(self.compaction.lock().await);
         }
         let reply = self.meta.write(cmd).await?;
         match &reply {
@@ -129,18 +133,17 @@ impl FileSystem {
     }
 
     /// Starts a snapshot (unless one is under way): the log before it can
-    /// then go, and the log's next rotation gives its space back.
+    /// then go, and the log's next rotation gives its space back. The
+    /// compaction lock is held until it is done.
     fn compact(&self) {
-        if self.compacting.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
+        let Ok(running) = self.compaction.clone().try_lock_owned() else { return };
         tracing::warn!("the store is nearly full: taking a metadata snapshot to shrink the log");
-        let (meta, flag) = (self.meta.clone(), self.compacting.clone());
+        let meta = self.meta.clone();
         tokio::spawn(async move {
             if let Err(e) = meta.snapshot().await {
                 tracing::error!("metadata snapshot for space failed: {e:?}");
             }
-            flag.store(false, std::sync::atomic::Ordering::Release);
+            drop(running);
         });
     }
 
@@ -181,11 +184,13 @@ impl FileSystem {
         self.unhold(ino, |r| r.lookups = r.lookups.saturating_sub(n)).await
     }
 
-    async fn unhold(&self, ino: Ino, drop: impl FnOnce(&mut Refs)) -> Result<(), Errno> {
+    /// Lets go of a hold on `ino` (`release` lowers its counts); the last
+    /// hold of an unlinked inode frees it.
+    async fn unhold(&self, ino: Ino, release: impl FnOnce(&mut Refs)) -> Result<(), Errno> {
         let last = {
             let mut refs = self.refs();
             let Some(r) = refs.get_mut(&ino) else { return Ok(()) };
-            drop(r);
+            release(r);
             let last = r.open == 0 && r.lookups == 0;
             if last {
                 refs.remove(&ino);

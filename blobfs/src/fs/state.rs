@@ -337,7 +337,7 @@ impl MetaState {
             }
             Cmd::Write { ino, chunks, end, now } => self.write(*ino, chunks, *end, *now),
             Cmd::Punch { ino, holes, chunks, now } => {
-                let holes: Vec<_> = holes.iter().map(|&i| (i, i + 1)).collect();
+                let holes: Vec<_> = holes.iter().map(|&i| (i, i.saturating_add(1))).collect();
                 self.remap(*ino, &holes, chunks, 0, *now)
             }
             Cmd::PunchRange { ino, holes, chunks, now } => self.remap(*ino, &[*holes], chunks, 0, *now),
