@@ -254,8 +254,9 @@ impl DataPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PageAlloc> {
         let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
-        if a.unlogged.first_key_value().is_some_and(|(&r, _)| r <= *self.durable.borrow()) {
-            let ready = take_up_to(&mut a.unlogged, *self.durable.borrow());
+        let durable = *self.durable.borrow();
+        if a.unlogged.first_key_value().is_some_and(|(&r, _)| r <= durable) {
+            let ready = take_up_to(&mut a.unlogged, durable);
             a.free(ready);
         }
         a

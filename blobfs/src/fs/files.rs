@@ -298,8 +298,8 @@ impl FileSystem {
         // in the last (beyond it, the unit holds zeros).
         let from = offset / u * u;
         let to = end.max(size.min(end.next_multiple_of(u))).next_multiple_of(PAGE);
-        let written = self.rewrite(ino, from, to, offset..end, data).await;
-        self.map_written(written, |chunks| Cmd::Write { ino, chunks, end, now }).await
+        let chunks = self.rewrite(ino, from, to, offset..end, data).await?;
+        self.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await
     }
 
     /// A regular file's size; a directory is EISDIR, anything else
@@ -394,15 +394,13 @@ impl FileSystem {
         Ok(buf)
     }
 
-    /// Maps freshly written extents by the command `cmd` makes of them,
-    /// unless writing them failed; pages left unmapped either way are free
-    /// again.
+    /// Maps freshly written extents by the command `cmd` makes of them; if
+    /// the command fails, their pages are free again.
     async fn map_written(
         &self,
-        written: Result<Vec<(u64, ChunkRef)>, Errno>,
+        chunks: Vec<(u64, ChunkRef)>,
         cmd: impl FnOnce(Vec<(u64, ChunkRef)>) -> Cmd,
     ) -> Result<Attr, Errno> {
-        let chunks = written?;
         let pages: Vec<ChunkRef> = chunks.iter().map(|&(_, c)| c).collect();
         self.apply(cmd(chunks)).await.map(attributes).inspect_err(|_| self.data.free(pages))
     }
@@ -471,18 +469,24 @@ impl FileSystem {
         if last * u < end {
             edges.push((last * u, last * u..end));
         }
-        let mut written = Vec::new();
-        let result = async {
-            for (from, new) in edges {
-                let to = size.min(from + u).next_multiple_of(PAGE);
-                if self.mapped(ino, from, to)? > 0 {
-                    written.extend(self.rewrite(ino, from, to, new, &[]).await?);
+        let mut written: Vec<(u64, ChunkRef)> = Vec::new();
+        for (from, new) in edges {
+            let to = size.min(from + u).next_multiple_of(PAGE);
+            let edge = match self.mapped(ino, from, to) {
+                Ok(0) => continue,
+                Ok(_) => self.rewrite(ino, from, to, new, &[]).await,
+                Err(e) => Err(e),
+            };
+            match edge {
+                Ok(runs) => written.extend(runs),
+                Err(e) => {
+                    // The other edge's pages are mapped by nothing.
+                    self.data.free(written.into_iter().map(|(_, c)| c));
+                    return Err(e);
                 }
             }
-            Ok(std::mem::take(&mut written))
         }
-        .await;
-        self.map_written(result, |chunks| Cmd::PunchRange { ino, holes: (first, last), chunks, now }).await
+        self.map_written(written, |chunks| Cmd::PunchRange { ino, holes: (first, last), chunks, now }).await
     }
 
     /// Changes attributes; a size that cuts into a mapped page rewrites the
