@@ -139,7 +139,7 @@ async fn md(app: &App, bdev: &str, opts: FormatOptions, ops: u64, depth: u64) ->
         let s = s.clone();
         async move {
             let xattrs = [("name".to_string(), format!("blob{i}"))].into();
-            s.create_blob(BlobOptions { num_clusters: 1, thin: true, xattrs }).await.map(|_| ())
+            s.create_blob(BlobOptions { num_clusters: 1, thin: true, xattrs, ..Default::default() }).await.map(|_| ())
         }
     })
     .await?;
@@ -192,7 +192,9 @@ async fn load(app: &App, bdev: &str, opts: FormatOptions, blobs: u64) -> anyhow:
         async move {
             // One blob in ten is thick (a cluster of its own), the rest thin.
             let xattrs = [("name".to_string(), format!("blob{i}"))].into();
-            s.create_blob(BlobOptions { num_clusters: 4, thin: i % 10 != 0, xattrs }).await.map(|_| ())
+            s.create_blob(BlobOptions { num_clusters: 4, thin: i % 10 != 0, xattrs, ..Default::default() })
+                .await
+                .map(|_| ())
         }
     })
     .await?;

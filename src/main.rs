@@ -3,13 +3,15 @@
 //! - `claudefs server`: reactors, bdevs and the JSON-RPC control socket;
 //! - `claudefs rpc METHOD [params]`: the control client;
 //! - `claudefs bdevperf`: the bdev benchmark and verifier;
-//! - `claudefs fabricperf`: the fabric RPC benchmark.
+//! - `claudefs fabricperf`: the fabric RPC benchmark;
+//! - `claudefs reduceperf`: the data-reduction stages and pipeline.
 
 mod app;
 mod bdevperf;
 mod blobperf;
 mod fabricperf;
 mod methods;
+mod reduceperf;
 mod server;
 mod up;
 
@@ -50,6 +52,8 @@ enum Command {
     Fabricperf(fabricperf::Args),
     /// Benchmark blobstore metadata: operations per second, load and recovery time.
     Blobperf(blobperf::Args),
+    /// Benchmark the data-reduction stages alone against the whole pipeline.
+    Reduceperf(reduceperf::Args),
 }
 
 #[derive(clap::Args)]
@@ -171,6 +175,7 @@ fn main() -> ExitCode {
         Command::Bdevperf(a) => bdevperf::run(a),
         Command::Fabricperf(a) => fabricperf::run(a),
         Command::Blobperf(a) => blobperf::run(a),
+        Command::Reduceperf(a) => reduceperf::run(a),
     };
     match result {
         Ok(code) => code,

@@ -37,6 +37,7 @@ mod engine;
 mod error;
 pub mod format;
 pub mod fs;
+pub mod reduce;
 mod shared;
 pub mod state;
 mod store;

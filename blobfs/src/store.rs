@@ -273,6 +273,13 @@ impl Blobstore {
         self.on_home(move |e| async move { e.sync_blob(id).await }).await
     }
 
+    /// Allocates clusters of a thin blob now (those not allocated yet), in
+    /// one journal record: for an owner that knows where its next writes
+    /// go. Durable when this returns.
+    pub async fn allocate_clusters(&self, id: u64, clusters: Vec<u64>) -> Result<(), BlobError> {
+        self.on_home(move |e| async move { e.allocate_clusters(id, &clusters).await }).await
+    }
+
     /// Resizes a blob (durable at the next sync).
     pub async fn resize_blob(&self, id: u64, num_clusters: u64) -> Result<(), BlobError> {
         self.on_home(move |e| async move { e.resize_blob(id, num_clusters).await }).await

@@ -92,6 +92,66 @@ fn thin_blobs_allocate_on_first_write_and_read_zeros_elsewhere() {
 }
 
 #[test]
+fn no_zero_blobs_take_clusters_unzeroed_and_first_writes_share_a_record() {
+    let (mut h, bdev) = Harness::with_malloc(1, 16, false);
+    let store = h.format(&bdev, CLUSTER, None);
+    // Clusters that held data: a thick blob written, then deleted.
+    let s = store.clone();
+    let old = h.run(async move { s.open_blob(s.create_blob(opts(8, false)).await?).await }).unwrap();
+    let ch = h.channel(&store, 0);
+    h.write(&ch, old.shared(), 0, &[0xee; 8 * 16 * PAGE]).unwrap();
+    let (s, id) = (store.clone(), old.shared().id());
+    h.run(async move {
+        old.close().await?;
+        s.delete_blob(id).await
+    })
+    .unwrap();
+    for _ in 0..50 {
+        h.step(); // the release waits for a quiesce barrier
+    }
+    let s = store.clone();
+    let (id, before) = h
+        .run(async move {
+            let id = s.create_blob(BlobOptions { no_zero: true, ..opts(64, true) }).await?;
+            Ok::<_, BlobError>((id, s.stats().await?.ops))
+        })
+        .unwrap();
+    let s = store.clone();
+    let blob = h.run(async move { s.open_blob(id).await }).unwrap();
+    // Eight first writes to eight clusters in flight at once.
+    for c in 0..8u64 {
+        ch.submit(
+            h.now,
+            BlobIo::write(blob.shared(), c * 16, pmd::DmaBuf::copy_from(&[c as u8 + 1; PAGE]).unwrap(), c),
+        );
+    }
+    let mut done = Vec::new();
+    while done.len() < 8 {
+        h.step();
+        ch.poll(h.now, &mut done);
+    }
+    assert!(done.iter().all(|c| c.status.is_ok()), "{:?}", done.iter().map(|c| c.status).collect::<Vec<_>>());
+    let s = store.clone();
+    let (info, after) = h.run(async move { Ok::<_, BlobError>((s.info(id).await?, s.stats().await?.ops)) }).unwrap();
+    assert!(info.no_zero && info.thin);
+    assert_eq!((info.allocated_clusters, after.allocations - before.allocations), (8, 8));
+    assert!(after.records - before.records < 8, "eight allocations in {} records", after.records - before.records);
+    let mut stale = 0;
+    for c in 0..8u64 {
+        assert_eq!(h.read(&ch, blob.shared(), c * 16, 1).unwrap(), vec![c as u8 + 1; PAGE], "what was written");
+        stale += h.read(&ch, blob.shared(), c * 16 + 1, 1).unwrap().iter().filter(|&&b| b == 0xee).count();
+    }
+    assert!(stale > 0, "the rest of each cluster is what it held (not zeroed)");
+    // The flag is durable.
+    let (s, b) = (store.clone(), blob);
+    h.run(async move { b.close().await }).unwrap();
+    h.run(async move { s.unload().await }).unwrap();
+    let (store, _) = h.load(&bdev).unwrap();
+    let s = store.clone();
+    assert!(h.run(async move { s.info(id).await }).unwrap().no_zero);
+}
+
+#[test]
 fn space_runs_out_cleanly_and_comes_back() {
     let (mut h, bdev) = Harness::with_malloc(1, 8, false);
     let store = h.format(&bdev, CLUSTER, Some(64));

@@ -268,7 +268,10 @@ fn start(op: &Op, store: &Blobstore, ch: &Rc<BlobChannel>, handles: &BTreeMap<u6
     match op.clone() {
         Op::Create { thin, size, name } => Box::pin(async move {
             let xattrs = [("name".to_string(), name)].into();
-            s.create_blob(BlobOptions { num_clusters: size, thin, xattrs }).await.map(|_| ()).map_err(|e| e.to_string())
+            s.create_blob(BlobOptions { num_clusters: size, thin, xattrs, ..Default::default() })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }),
         Op::Write { blob, page, seeds } => {
             let mut data = Vec::with_capacity(seeds.len() * PAGE);

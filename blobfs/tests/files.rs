@@ -272,6 +272,25 @@ fn a_full_pool_says_enospc_and_deleting_makes_room() {
 }
 
 #[test]
+fn a_stream_of_writes_backs_the_pool_ahead_in_few_journal_records() {
+    let mut fx = Fx::new(64);
+    let a = fx.create("a");
+    let s = fx.store.clone();
+    let before = fx.h.run(async move { s.stats().await }).unwrap().ops;
+    // 4 MiB in 64 KiB writes (one store cluster each), one at a time.
+    let data = pattern(3, 4 << 20);
+    for (i, piece) in data.chunks(64 << 10).enumerate() {
+        fx.write(a, i as u64 * (64 << 10), piece.to_vec()).unwrap();
+    }
+    let s = fx.store.clone();
+    let after = fx.h.run(async move { s.stats().await }).unwrap().ops;
+    let (allocations, records) = (after.allocations - before.allocations, after.records - before.records);
+    assert!(allocations > 64, "64 clusters written and more backed ahead: {allocations}");
+    assert!(records <= 16, "{allocations} clusters in {records} journal records");
+    assert_eq!(fx.read(a, 0, data.len()), data);
+}
+
+#[test]
 fn fallocate_punches_holes_that_free_space_and_refuses_what_it_cannot_do() {
     let mut fx = Fx::new(16);
     let ino = fx.create("f");

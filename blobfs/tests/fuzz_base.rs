@@ -53,6 +53,7 @@ fn the_committed_fuzz_base_image_loads() {
                         num_clusters: 3,
                         thin: false,
                         xattrs: [("name".into(), "a".into())].into(),
+                        ..Default::default()
                     })
                     .await?;
                 let b = s.create_blob(BlobOptions { num_clusters: 8, thin: true, ..Default::default() }).await?;

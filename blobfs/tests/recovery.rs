@@ -58,7 +58,8 @@ fn newest_super(h: &mut Harness) -> (u64, SuperBlock) {
 fn create(h: &mut Harness, store: &Blobstore, thin: bool, name: &str) -> u64 {
     let s = store.clone();
     let xattrs = [("name".to_string(), name.to_string())].into();
-    h.run(async move { s.create_blob(BlobOptions { num_clusters: 2, thin, xattrs }).await }).unwrap()
+    h.run(async move { s.create_blob(BlobOptions { num_clusters: 2, thin, xattrs, ..Default::default() }).await })
+        .unwrap()
 }
 
 fn names(h: &mut Harness, store: &Blobstore) -> Vec<String> {

@@ -15,13 +15,18 @@ the machine may be running (on a machine with systemd, installing the
 packages starts them: stop them first); the script refuses a running glusterd.
 
 File systems, each set up fresh for every rep and torn down after it (also on
-an error or Ctrl-C), everything on the root disk under /var/tmp/claudefs-bench:
-- claudefs: `claudefs up` on a sparse 4 GiB image file (default options: one
-  reactor on core 0), FUSE-mounted; stopped with `claudefs down`, image deleted.
+an error or Ctrl-C), everything on the root disk under /var/tmp/claudefs-bench;
+after each teardown the script syncs and waits until the disk has been idle
+for 2 s (deleting an image makes the host discard its blocks):
+- claudefs: `claudefs up` on a new 4 GiB image file, which `up` writes in
+  full (default options: one reactor on core 0), FUSE-mounted; stopped with
+  `claudefs down`, image deleted.
 - ext4: the kernel-local reference. mkfs.ext4 (inode tables and journal
   initialised up front, so no lazy-init thread writes during the run) on a
-  loop device with direct I/O (`losetup --direct-io=on`) over a sparse 4 GiB
-  file: reads after a cache drop reach the disk, not a second page cache.
+  loop device with direct I/O (`losetup --direct-io=on`) over a 4 GiB file
+  written in full first, as ClaudeFS's is (a sparse one makes the host
+  allocate under the first writes): reads after a cache drop reach the disk,
+  not a second page cache.
 - gluster: GlusterFS, one node, one brick (a plain distribute volume with its
   default options), glusterd with a private working directory and bound to
   127.0.0.1, the brick host a name that resolves to 127.0.0.1 only (the
@@ -179,6 +184,39 @@ def daemon(cmd, logfile, netns=None):
                                 start_new_session=True)
 
 
+def disk_of(path):
+    """The block device (as /proc/diskstats names it) holding `path`."""
+    dev = os.stat(path).st_dev
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    parent = os.path.realpath(f"/sys/class/block/{name}/..")
+    return os.path.basename(parent) if os.path.exists(os.path.join(parent, "queue")) else name
+
+
+def settle(path, quiet_secs=2, limit=120):
+    """Syncs, then waits (at most `limit` s) until the disk under `path` has
+    done no I/O for `quiet_secs`: deleting a file system's image makes the
+    host discard its blocks (the root is mounted with `discard` here), and
+    that traffic must not land on the next file system's measurements.
+    Returns the seconds waited."""
+    run(["sync"], timeout=300)
+    disk, t0 = disk_of(path), time.time()
+
+    def counters():
+        with open("/proc/diskstats") as f:
+            for line in f:
+                p = line.split()
+                if p[2] == disk:
+                    return p[3:]
+        return None
+    last, quiet_since = counters(), time.time()
+    while time.time() - t0 < limit and time.time() - quiet_since < quiet_secs:
+        time.sleep(0.25)
+        now = counters()
+        if now != last:
+            last, quiet_since = now, time.time()
+    return round(time.time() - t0, 1)
+
+
 def drop_caches():
     run(["sync"], timeout=300)
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -258,8 +296,10 @@ class Ext4:
 
     def up(self):
         os.makedirs(self.mnt, exist_ok=True)
-        with open(self.image, "w") as f:
-            f.truncate(4 << 30)
+        # Written in full, as `claudefs up` writes its image: neither pays for
+        # the host allocating blocks under it.
+        run(["dd", "if=/dev/zero", f"of={self.image}", "bs=8M", "count=512", "oflag=direct", "status=none"],
+            timeout=600)
         self.dev = run(["losetup", "--direct-io=on", "-f", "--show", self.image]).strip()
         run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.dev], timeout=300)
         run(["mount", self.dev, self.mnt])
@@ -895,6 +935,7 @@ def main():
                     fs.down()
                 finally:
                     signal.signal(signal.SIGINT, old)
+            rec["settle_secs"] = settle(BASE)
             if getattr(fs, "warnings", None):
                 rec["server_warnings"] = fs.warnings
             rec["secs"] = round(time.time() - t, 1)

@@ -18,7 +18,6 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 pub(crate) struct Backing {
     pub(crate) file: File,
     pub(crate) size: u64,
-    pub(crate) is_block_device: bool,
     /// Smallest block size the file accepts (the logical sector size of a
     /// block device, the O_DIRECT offset alignment of a file), 0 if unknown.
     pub(crate) min_block: u32,
@@ -90,7 +89,7 @@ fn open_existing(path: &Path, direct: bool, create_size: Option<u64>, created: b
             });
         }
     }
-    Ok(Backing { file, size, is_block_device, min_block, created })
+    Ok(Backing { file, size, min_block, created })
 }
 
 /// The O_DIRECT file-offset alignment the file system reports (statx

@@ -14,6 +14,31 @@ fn config(name: &str, path: &Path, size: Option<u64>) -> UringConfig {
     UringConfig { name: name.into(), filename: path.to_path_buf(), block_size: None, size, direct: true, uuid: None }
 }
 
+/// Unmounts a test's mount when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts a new `fstype` on `mnt` (made here), or says why the test of
+/// `what` is skipped (it needs root).
+fn mount(mnt: &Path, fstype: &str, what: &str) -> Option<Unmount> {
+    std::fs::create_dir(mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", fstype, "none"])
+        .arg(mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: cannot mount a {fstype} (needs root) to test {what}");
+    }
+    ok.then(|| Unmount(mnt.to_path_buf()))
+}
+
 fn image(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
@@ -154,24 +179,7 @@ fn existing_files_are_used_as_they_are_and_bad_ones_refused() {
 fn a_file_system_without_o_direct_is_named_and_buffered_io_offered() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("ramfs");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "ramfs", "none"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: cannot mount a ramfs (needs root) to test a file system without O_DIRECT");
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let Some(_guard) = mount(&mnt, "ramfs", "a file system without O_DIRECT") else { return };
     let r = nvme::BdevRegistry::new();
     let path = mnt.join("x.img");
     let err = uring::create(&r, &config("u0", &path, Some(1 << 20))).unwrap_err();
@@ -183,6 +191,53 @@ fn a_file_system_without_o_direct_is_named_and_buffered_io_offered() {
     let mut ch = h.channel("u0", true);
     h.write(&mut ch, 2, &[6; 4096]).unwrap();
     assert_eq!(h.read(&mut ch, 2, 4096).unwrap(), vec![6; 4096]);
+}
+
+/// Whether the file system holding `dir` zeroes a range of a file in place.
+fn zeroes_in_place(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let probe = dir.join("probe");
+    std::fs::write(&probe, [1u8; 4096]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&probe).unwrap();
+    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: the fd is open for writing; fallocate reads no memory of ours.
+    let ok = unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4096) } == 0;
+    std::fs::remove_file(&probe).unwrap();
+    ok
+}
+
+/// Write zeroes over blocks 16..80 of a 1 MiB file of sevens through a uring
+/// bdev; returns the bytes the file has allocated after.
+fn zero_a_written_file(dir: &Path, direct: bool) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join("z.img");
+    std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+    let mut h = Harness::new();
+    uring::create(&h.registry, &UringConfig { direct, ..config("z", &path, None) }).unwrap();
+    let mut ch = h.channel("z", true);
+    for _ in 0..2 {
+        assert_eq!(h.run(&mut ch, Io::write_zeroes(16, 64, 0)).status, Ok(()));
+    }
+    assert_eq!(h.read(&mut ch, 16, 64 * 4096).unwrap(), vec![0; 64 * 4096]);
+    assert_eq!(h.read(&mut ch, 80, 4096).unwrap(), vec![7; 4096], "only the range is zeroed");
+    std::fs::metadata(&path).unwrap().blocks() * 512
+}
+
+#[test]
+fn write_zeroes_keeps_a_files_blocks_or_punches_a_hole_where_it_cannot() {
+    // The test machine's file system: zeroed in place where it can, so the
+    // blocks stay allocated and later writes into them allocate nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let allocated = zero_a_written_file(dir.path(), true);
+    if zeroes_in_place(dir.path()) {
+        assert!(allocated >= 1 << 20, "only {allocated} bytes still allocated");
+    }
+    // tmpfs cannot zero in place: the bdev falls back to punching a hole.
+    let mnt = dir.path().join("tmpfs");
+    let Some(_guard) = mount(&mnt, "tmpfs", "write zeroes punching holes") else { return };
+    assert!(!zeroes_in_place(&mnt), "tmpfs zeroes in place now: this part tests nothing");
+    let allocated = zero_a_written_file(&mnt, false);
+    assert!(allocated <= (1 << 20) - 64 * 4096, "{allocated} bytes allocated: no hole was punched");
 }
 
 #[test]

@@ -258,7 +258,9 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         "blob_create",
         "Create a blob (durable when this returns); returns its id.",
         BlobCreate,
-        |s, p| { s.create_blob(BlobOptions { num_clusters: p.num_clusters, thin: p.thin, xattrs: p.xattrs }) }
+        |s, p| {
+            s.create_blob(BlobOptions { num_clusters: p.num_clusters, thin: p.thin, xattrs: p.xattrs, no_zero: false })
+        }
     );
     on_store!(m, app, "blob_delete", "Delete a closed blob that no clone reads through.", BlobRef, |s, p| s
         .delete_blob(p.blob_id));

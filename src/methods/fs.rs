@@ -203,7 +203,10 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                 let store = a.blobstore(&p.bdev_name)?;
                 let rt = a.fs.runtime()?;
                 let reactors = a.reactors.to_vec();
-                let opts = MetaOptions { chunk_size: p.chunk_size.unwrap_or(MetaOptions::default().chunk_size), ..Default::default() };
+                let opts = MetaOptions {
+                    chunk_size: p.chunk_size.unwrap_or(MetaOptions::default().chunk_size),
+                    ..Default::default()
+                };
                 if opts.chunk_size < 4096 || opts.chunk_size % 4096 != 0 || opts.chunk_size > 64 << 20 {
                     return Err(RpcError::invalid_params(format!(
                         "chunk_size {} is not a multiple of 4096 from 4 KiB to 64 MiB",

@@ -29,8 +29,9 @@ use tokio::sync::{Mutex as LocalLock, Notify, oneshot};
 
 use crate::error::BlobError;
 use crate::format::{
-    BlobMd, CheckpointHeader, CheckpointRef, Geometry, JournalPos, MAX_CHECKPOINT_EXTENTS, Op, PAGE_SIZE, PageHeader,
-    PageKind, Seed, SuperBlock, decode_checkpoint, decode_page, encode_checkpoint, encode_page, encode_pages,
+    BlobMd, CheckpointHeader, CheckpointRef, FLAG_NO_ZERO, FLAG_READ_ONLY, Geometry, JournalPos,
+    MAX_CHECKPOINT_EXTENTS, Op, PAGE_SIZE, PageHeader, PageKind, Seed, SuperBlock, decode_checkpoint, decode_page,
+    encode_checkpoint, encode_page, encode_pages,
 };
 use crate::shared::{BlobShared, StoreShared};
 use crate::state::{Bitmap, State};
@@ -213,7 +214,7 @@ impl Engine {
         order.sort_by_key(|b| depth(&durable, b.id));
         for md in order {
             let parent = md.parent.and_then(|p| blobs.get(&p)).map(|l| l.shared.clone());
-            let shared = BlobShared::new(md.id, &md.clusters, parent, md.has(crate::format::FLAG_READ_ONLY));
+            let shared = BlobShared::new(md.id, &md.clusters, parent, md.has(FLAG_READ_ONLY));
             blobs.insert(md.id, Live { md: md.clone(), shared, open: 0, dirty: false, lock: Rc::default() });
         }
         let next_id = durable.next_blob_id;
@@ -807,61 +808,103 @@ impl Engine {
         });
     }
 
+    /// Allocates `cluster` of `blob`, and with it every other cluster of the
+    /// blob that a write waits for now: allocations of one blob run one at a
+    /// time, and a stream of first writes would otherwise wait for one
+    /// journal flush per cluster. The tasks of the others find their cluster
+    /// allocated and answer.
     async fn do_allocate(self: &Rc<Self>, blob: u64, cluster: u64) -> Result<(), BlobError> {
-        let lock = self.inner.borrow().blobs.get(&blob).map(|b| b.lock.clone()).ok_or(BlobError::NoSuchBlob(blob))?;
+        let (lock, _) = self.blob(blob)?;
         let _guard = lock.lock().await;
-        let shared =
-            self.inner.borrow().blobs.get(&blob).map(|b| b.shared.clone()).ok_or(BlobError::NoSuchBlob(blob))?;
-        if cluster >= shared.num_clusters() || shared.own(cluster) != 0 {
-            return Ok(()); // resized away, or allocated meanwhile: the request is translated again
+        let mut clusters: Vec<u64> =
+            self.inner.borrow().pending_allocs.keys().filter(|&&(b, _)| b == blob).map(|&(_, c)| c).collect();
+        clusters.sort_unstable();
+        match self.allocate_locked(blob, &clusters).await {
+            Err(BlobError::NoSpace { .. }) if clusters.len() > 1 => self.allocate_locked(blob, &[cluster]).await,
+            r => r,
         }
-        let phys = self.reserve(1)?[0];
+    }
+
+    /// Allocates the clusters of a thin blob that are not allocated yet
+    /// (ahead of the writes that will land there), in one record.
+    pub async fn allocate_clusters(self: &Rc<Self>, blob: u64, clusters: &[u64]) -> Result<(), BlobError> {
+        let (lock, _) = self.blob(blob)?;
+        if self.with_live(blob, |b| b.md.has(FLAG_READ_ONLY))? {
+            return Err(BlobError::ReadOnly(blob));
+        }
+        let _guard = lock.lock().await;
+        self.allocate_locked(blob, clusters).await
+    }
+
+    /// Allocates those of `clusters` still unallocated in `blob`,
+    /// whose lock the caller holds.
+    async fn allocate_locked(self: &Rc<Self>, blob: u64, clusters: &[u64]) -> Result<(), BlobError> {
+        let (shared, no_zero) = self.with_live(blob, |b| (b.shared.clone(), b.md.has(FLAG_NO_ZERO)))?;
+        // Resized away, or allocated meanwhile: a waiting request is translated again.
+        let clusters: Vec<u64> =
+            clusters.iter().copied().filter(|&c| c < shared.num_clusters() && shared.own(c) == 0).collect();
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let phys = self.reserve(clusters.len() as u64)?;
         let prepared = async {
-            match shared.inherited(cluster) {
-                Some(src) => self.io.copy_cluster(src, phys).await?,
-                None => self.io.zero_clusters(phys, 1).await?,
+            let mut written = false;
+            for (&c, &p) in clusters.iter().zip(&phys) {
+                match shared.inherited(c) {
+                    Some(src) => self.io.copy_cluster(src, p).await?,
+                    None if no_zero => continue,
+                    None => self.io.zero_clusters(p, 1).await?,
+                }
+                written = true;
             }
-            self.io.flush().await
+            if written { self.io.flush().await } else { Ok(()) }
         }
         .await;
         if let Err(e) = prepared {
-            self.unreserve(&[phys]);
+            self.unreserve(&phys);
             return Err(e);
         }
         let rx = {
             let mut inner = self.inner.borrow_mut();
-            // A bare allocation fits a durable blob that has this cluster unmapped;
-            // after an unsynced resize it does not, and the blob's whole live
+            // Bare allocations fit a durable blob that has these clusters unmapped;
+            // after an unsynced resize they do not, and the blob's whole live
             // metadata (its pending changes included) goes in the record instead.
-            let bare = inner.durable.blobs.get(&blob).and_then(|d| d.clusters.get(cluster as usize)) == Some(&0);
+            let durable = inner.durable.blobs.get(&blob);
+            let bare = clusters.iter().all(|&c| durable.and_then(|d| d.clusters.get(c as usize)) == Some(&0));
             let Some(live) = inner.blobs.get_mut(&blob) else {
                 drop(inner);
-                self.unreserve(&[phys]);
+                self.unreserve(&phys);
                 return Err(BlobError::NoSuchBlob(blob));
             };
-            live.md.clusters[cluster as usize] = phys;
-            let op = if bare {
-                Op::Alloc { blob, index: cluster, phys }
+            for (&c, &p) in clusters.iter().zip(&phys) {
+                live.md.clusters[c as usize] = p;
+            }
+            let ops = if bare {
+                clusters.iter().zip(&phys).map(|(&index, &phys)| Op::Alloc { blob, index, phys }).collect()
             } else {
                 live.md.md_seq += 1;
                 live.dirty = false;
-                Op::PutBlob(live.md.clone())
+                vec![Op::PutBlob(live.md.clone())]
             };
             drop(inner);
-            self.enqueue(vec![op])
+            self.enqueue(ops)
         };
         match rx.await.map_err(|_| BlobError::Unloaded).and_then(|r| r) {
             Ok(()) => {
-                shared.set_cluster(cluster, phys);
-                self.inner.borrow_mut().stats.allocations += 1;
+                for (&c, &p) in clusters.iter().zip(&phys) {
+                    shared.set_cluster(c, p);
+                }
+                self.inner.borrow_mut().stats.allocations += clusters.len() as u64;
                 Ok(())
             }
             Err(e) => {
                 if let Some(live) = self.inner.borrow_mut().blobs.get_mut(&blob) {
-                    live.md.clusters[cluster as usize] = 0;
+                    for &c in &clusters {
+                        live.md.clusters[c as usize] = 0;
+                    }
                     live.dirty = true;
                 }
-                self.unreserve(&[phys]);
+                self.unreserve(&phys);
                 Err(e)
             }
         }

@@ -10,25 +10,25 @@ use std::sync::Arc;
 
 use crate::error::BlobError;
 use crate::format::{
-    BlobMd, FLAG_READ_ONLY, FLAG_SNAPSHOT, FLAG_THIN, MAX_OVERCOMMIT, MAX_XATTR_VALUE, MAX_XATTRS_TOTAL, Op,
-    check_xattr_name,
+    BlobMd, FLAG_NO_ZERO, FLAG_READ_ONLY, FLAG_SNAPSHOT, FLAG_THIN, MAX_OVERCOMMIT, MAX_XATTR_VALUE, MAX_XATTRS_TOTAL,
+    Op, check_xattr_name,
 };
 use crate::shared::BlobShared;
 
 use super::{Engine, Live};
 
 /// Options of a new blob.
-#[derive(Debug, Clone, Default, serde::Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct BlobOptions {
     /// Size in clusters.
-    #[serde(default)]
     pub num_clusters: u64,
     /// Allocate clusters on first write instead of now.
-    #[serde(default)]
     pub thin: bool,
+    /// Clusters are not zeroed before the blob gets them: only for an owner
+    /// that never reads what it did not write (the `blob_create` RPC does not
+    /// offer it: it would hand out what deleted blobs held).
+    pub no_zero: bool,
     /// Extended attributes to start with (values as UTF-8 strings through the RPC).
-    #[serde(default)]
     pub xattrs: BTreeMap<String, String>,
 }
 
@@ -43,6 +43,8 @@ pub struct BlobInfo {
     pub allocated_clusters: u64,
     /// Clusters allocated on first write.
     pub thin: bool,
+    /// Clusters not zeroed before the blob gets them.
+    pub no_zero: bool,
     /// Writes refused.
     pub read_only: bool,
     /// A snapshot.
@@ -101,13 +103,13 @@ impl Engine {
     }
 
     /// The lock and shared view of a blob.
-    fn blob(&self, id: u64) -> Result<(Rc<tokio::sync::Mutex<()>>, Arc<BlobShared>), BlobError> {
+    pub(super) fn blob(&self, id: u64) -> Result<(Rc<tokio::sync::Mutex<()>>, Arc<BlobShared>), BlobError> {
         let inner = self.inner.borrow();
         let b = inner.blobs.get(&id).ok_or(BlobError::NoSuchBlob(id))?;
         Ok((b.lock.clone(), b.shared.clone()))
     }
 
-    fn with_live<T>(&self, id: u64, f: impl FnOnce(&mut Live) -> T) -> Result<T, BlobError> {
+    pub(super) fn with_live<T>(&self, id: u64, f: impl FnOnce(&mut Live) -> T) -> Result<T, BlobError> {
         let mut inner = self.inner.borrow_mut();
         inner.blobs.get_mut(&id).map(f).ok_or(BlobError::NoSuchBlob(id))
     }
@@ -129,14 +131,14 @@ impl Engine {
             vec![0; opts.num_clusters as usize]
         } else {
             let c = self.reserve(opts.num_clusters)?;
-            if let Err(e) = self.zero(&c).await {
+            if let Err(e) = self.zero(if opts.no_zero { &[] } else { &c }).await {
                 self.unreserve(&c);
                 return Err(e);
             }
             c
         };
         let id = self.new_id();
-        let flags = if opts.thin { FLAG_THIN } else { 0 };
+        let flags = if opts.thin { FLAG_THIN } else { 0 } | if opts.no_zero { FLAG_NO_ZERO } else { 0 };
         let md = BlobMd { id, flags, parent: None, clusters: clusters.clone(), xattrs, md_seq: 1 };
         match self.commit(vec![Op::PutBlob(md.clone())]).await {
             Ok(()) => {
@@ -203,8 +205,9 @@ impl Engine {
         self.check_size(n)?;
         let (lock, shared) = self.blob(id)?;
         let _guard = lock.lock().await;
-        let (old, thin, ro) =
-            self.with_live(id, |b| (b.md.clusters.len() as u64, b.md.has(FLAG_THIN), b.md.has(FLAG_READ_ONLY)))?;
+        let (old, thin, ro, no_zero) = self.with_live(id, |b| {
+            (b.md.clusters.len() as u64, b.md.has(FLAG_THIN), b.md.has(FLAG_READ_ONLY), b.md.has(FLAG_NO_ZERO))
+        })?;
         if ro {
             return Err(BlobError::ReadOnly(id));
         }
@@ -213,7 +216,7 @@ impl Engine {
         }
         let added = if n > old && !thin {
             let c = self.reserve(n - old)?;
-            if let Err(e) = self.zero(&c).await {
+            if let Err(e) = self.zero(if no_zero { &[] } else { &c }).await {
                 self.unreserve(&c);
                 return Err(e);
             }
@@ -498,6 +501,7 @@ impl Engine {
             num_clusters: b.md.clusters.len() as u64,
             allocated_clusters: b.md.allocated().count() as u64,
             thin: b.md.has(FLAG_THIN),
+            no_zero: b.md.has(FLAG_NO_ZERO),
             read_only: b.md.has(FLAG_READ_ONLY),
             snapshot: b.md.has(FLAG_SNAPSHOT),
             parent: b.md.parent,

@@ -26,7 +26,11 @@ pub const FLAG_THIN: u32 = 1;
 pub const FLAG_READ_ONLY: u32 = 2;
 /// Blob flag: a snapshot (read-only; clones may depend on it).
 pub const FLAG_SNAPSHOT: u32 = 4;
-const KNOWN_FLAGS: u32 = FLAG_THIN | FLAG_READ_ONLY | FLAG_SNAPSHOT;
+/// Blob flag: clusters the blob gets are not zeroed first. For an owner that
+/// never reads what it did not write (a pool it maps itself); anyone else
+/// would read what the cluster held before.
+pub const FLAG_NO_ZERO: u32 = 8;
+const KNOWN_FLAGS: u32 = FLAG_THIN | FLAG_READ_ONLY | FLAG_SNAPSHOT | FLAG_NO_ZERO;
 
 fn bad(msg: String) -> DecodeError {
     DecodeError(msg)

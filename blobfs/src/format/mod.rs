@@ -18,9 +18,9 @@ pub mod page;
 
 pub use codec::DecodeError;
 pub use meta::{
-    BlobMd, Checkpoint, CheckpointHeader, CheckpointRef, FLAG_READ_ONLY, FLAG_SNAPSHOT, FLAG_THIN, Geometry,
-    JournalPos, MAX_CHECKPOINT_EXTENTS, MAX_OVERCOMMIT, MAX_XATTR_NAME, MAX_XATTR_VALUE, MAX_XATTRS_TOTAL, Op,
-    SuperBlock, check_xattr_name, decode_checkpoint, decode_ops, encode_checkpoint, encode_ops,
+    BlobMd, Checkpoint, CheckpointHeader, CheckpointRef, FLAG_NO_ZERO, FLAG_READ_ONLY, FLAG_SNAPSHOT, FLAG_THIN,
+    Geometry, JournalPos, MAX_CHECKPOINT_EXTENTS, MAX_OVERCOMMIT, MAX_XATTR_NAME, MAX_XATTR_VALUE, MAX_XATTRS_TOTAL,
+    Op, SuperBlock, check_xattr_name, decode_checkpoint, decode_ops, encode_checkpoint, encode_ops,
 };
 pub use page::{
     FORMAT_VERSION, PAGE_SIZE, PAYLOAD_LEN, PageError, PageHeader, PageKind, Seed, decode_page, encode_page,

@@ -37,6 +37,10 @@ pub fn metadata_reserve(total: u64, cluster_size: u64) -> u64 {
     (total / 16).min((256 << 20) / cluster_size).max(16)
 }
 
+/// Bytes of pool clusters backed ahead of the writes that reach into new
+/// ones ([`DataPool::alloc`]).
+pub const BACK_AHEAD: u64 = 16 << 20;
+
 /// The longest run one allocation takes (what a [`ChunkRef`] counts).
 const MAX_RUN: u64 = u32::MAX as u64;
 
@@ -280,10 +284,26 @@ impl DataPool {
 
     /// Allocates `pages` pages: one run if a free run is that long, else
     /// the fewest runs found by halving, each a whole number of `unit`
-    /// pages but the last.
-    pub fn alloc(&self, pages: u64, unit: u64) -> Result<Vec<ChunkRef>, Errno> {
+    /// pages but the last. When they reach into clusters the store has not
+    /// backed yet, those and up to [`BACK_AHEAD`] bytes of clusters after
+    /// them are backed now, in one journal record: a stream of writes then
+    /// waits for one record per [`BACK_AHEAD`] bytes, not one per cluster.
+    pub async fn alloc(&self, pages: u64, unit: u64) -> Result<Vec<ChunkRef>, Errno> {
+        let (runs, back) = self.take(pages, unit)?;
+        if !back.is_empty()
+            && let Err(e) = self.store.allocate_clusters(self.blob.id(), back).await
+        {
+            // The writes ask for their own clusters again, and fail if the store cannot give them.
+            tracing::debug!("backing data pool clusters ahead of writes failed: {e}");
+        }
+        Ok(runs)
+    }
+
+    /// The runs of [`DataPool::alloc`], and the pool clusters to back.
+    fn take(&self, pages: u64, unit: u64) -> Result<(Vec<ChunkRef>, Vec<u64>), Errno> {
         let mut a = self.lock();
         let mut runs = Vec::new();
+        let mut back = Vec::new();
         let (mut left, mut want) = (pages, pages.min(MAX_RUN / unit * unit));
         if pages > a.free {
             return Err(Errno::ENOSPC);
@@ -297,12 +317,13 @@ impl DataPool {
                 continue;
             };
             let new = a.unbacked(page, want);
-            if !new.is_empty() && self.store.free_clusters() < new.len() as u64 + self.reserve {
+            if !new.is_empty() && self.store.free_clusters() < (back.len() + new.len()) as u64 + self.reserve {
                 break;
             }
-            for c in new {
+            for &c in &new {
                 a.backed[c] = true;
             }
+            back.extend(new);
             let c = ChunkRef { blob: self.blob.id(), page, pages: want as u32 };
             a.set(c, true);
             a.hint = page + want;
@@ -316,7 +337,16 @@ impl DataPool {
             }
             return Err(Errno::ENOSPC);
         }
-        Ok(runs)
+        if let Some(&last) = back.iter().max() {
+            let room = self.store.free_clusters().saturating_sub(back.len() as u64 + self.reserve);
+            let ahead = (BACK_AHEAD / (a.pages_per_cluster * PAGE_SIZE as u64)).min(room) as usize;
+            let more: Vec<usize> = (last + 1..a.backed.len()).take_while(|&c| !a.backed[c]).take(ahead).collect();
+            for &c in &more {
+                a.backed[c] = true;
+            }
+            back.extend(more);
+        }
+        Ok((runs, back.into_iter().map(|c| c as u64).collect()))
     }
 
     /// Frees chunks that a metadata command let go of, once that command's
@@ -457,7 +487,10 @@ mod tests {
                 for backed_only in [true, false] {
                     let got = a.find_in(n, backed_only);
                     if let Some(s) = got {
-                        assert!(s + n <= pages && (s..s + n).all(|q| !a.is_used(q)), "round {round}: {s}+{n} is not free");
+                        assert!(
+                            s + n <= pages && (s..s + n).all(|q| !a.is_used(q)),
+                            "round {round}: {s}+{n} is not free"
+                        );
                         if backed_only {
                             assert!((s..s + n).all(|q| a.backed[(q / ppc) as usize]), "round {round}: unbacked");
                         }

@@ -49,8 +49,14 @@ impl FileSystem {
             None => {
                 // Thin, as large as the whole store: space is what the store has.
                 let clusters = store.stats().await?.total_clusters;
-                let b =
-                    store.create_blob(BlobOptions { num_clusters: clusters, thin: true, ..Default::default() }).await?;
+                let b = store
+                    .create_blob(BlobOptions {
+                        num_clusters: clusters,
+                        thin: true,
+                        no_zero: true,
+                        ..Default::default()
+                    })
+                    .await?;
                 store.sync_blob(b).await?;
                 store.set_xattr(root, POOL_XATTR, &b.to_le_bytes()).await?;
                 store.sync_blob(root).await?;
@@ -328,12 +334,12 @@ impl FileSystem {
     ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
         debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
         let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
-        let runs = match self.data.alloc(pages, up) {
+        let runs = match self.data.alloc(pages, up).await {
             // Space a delete let go of comes back once the delete is
             // durable: wait for that rather than fail.
             Err(Errno::ENOSPC) if self.data.frees_waiting() => {
                 self.meta.sync().await?;
-                self.data.alloc(pages, up)?
+                self.data.alloc(pages, up).await?
             }
             r => r?,
         };

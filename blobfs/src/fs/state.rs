@@ -246,7 +246,10 @@ impl MetaState {
                     let mut next = 0;
                     for (&k, c) in chunks {
                         if k * up < next || c.pages == 0 {
-                            return Err(format!("file {ino}: extent at unit {k} ({} pages) overlaps or is empty", c.pages));
+                            return Err(format!(
+                                "file {ino}: extent at unit {k} ({} pages) overlaps or is empty",
+                                c.pages
+                            ));
                         }
                         next = k * up + u64::from(c.pages);
                         pages += u64::from(c.pages);

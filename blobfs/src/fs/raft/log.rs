@@ -19,8 +19,8 @@
 //! predecessor's CRC: the chain stops a replay from running on into records
 //! a previous run left beyond the point where this run started writing.
 //!
-//! A writer task writes whatever records have queued up as one request and
-//! flushes (group commit). Whether an append is reported to Raft as durable
+//! A writer task writes whatever records have queued up as one request; the
+//! next flush makes them durable (group commit, see [`Writer::run`]). Whether an append is reported to Raft as durable
 //! at once or only after its flush is the [`Durability`] policy.
 //!
 //! **Rotation.** A purge (after a snapshot) lets go of entries, but their
@@ -60,6 +60,9 @@ const HEADER: usize = 16;
 const READ_PAGES: u64 = 256;
 /// The smallest log blob that is rotated (pages: 8 MiB).
 pub const ROTATE_MIN: u64 = 2048;
+/// The longest a written record waits for its flush when nobody waits for
+/// it (see [`Writer::run`]).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// When an append counts as durable for Raft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +133,8 @@ pub struct LogStore {
     durable: watch::Receiver<u64>,
     durability: Durability,
     data_written: Arc<AtomicBool>,
+    /// Someone waits for durability: the writer flushes now.
+    urgent: Arc<tokio::sync::Notify>,
 }
 
 struct Inner {
@@ -162,6 +167,8 @@ struct Writer {
     inner: Arc<Mutex<Inner>>,
     /// Set when file data has been written since the last flush.
     data_written: Arc<AtomicBool>,
+    /// Someone waits for durability.
+    urgent: Arc<tokio::sync::Notify>,
 }
 
 impl LogStore {
@@ -182,6 +189,7 @@ impl LogStore {
         let low_space = crate::fs::data::metadata_reserve(total, u64::from(store.cluster_size()));
         let base_purged = inner.lock().unwrap_or_else(|p| p.into_inner()).purged;
         let data_written = Arc::new(AtomicBool::new(false));
+        let urgent = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
             store,
             place,
@@ -192,9 +200,10 @@ impl LogStore {
             base_purged,
             inner: inner.clone(),
             data_written: data_written.clone(),
+            urgent: urgent.clone(),
         };
         tokio::spawn(writer.run(jobs, durable_tx));
-        Ok(LogStore { inner, queue, durable, durability, data_written })
+        Ok(LogStore { inner, queue, durable, durability, data_written, urgent })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -212,6 +221,9 @@ impl LogStore {
 
     async fn wait_durable(&self, n: u64) -> Result<()> {
         let mut durable = self.durable.clone();
+        if *durable.borrow() < n {
+            self.urgent.notify_one();
+        }
         durable.wait_for(|&d| d >= n).await.map_err(|_| write_err(std::io::Error::other("log writer failed")))?;
         Ok(())
     }
@@ -248,10 +260,68 @@ impl LogStore {
 }
 
 impl Writer {
+    /// Writes the queued records, batch by batch. Unless someone waits for
+    /// durability ([`LogStore::sync`], a vote, a `Flushed` append), a batch
+    /// gathers records for up to [`LINGER`] first. It is written without a
+    /// flush of its own: the flush that makes it durable is the next one,
+    /// which comes before the next batch if file data was written meanwhile
+    /// (that data must be durable before a record mapping it), at once if
+    /// someone waits, or [`LINGER`] after the batch otherwise. A stream of
+    /// writes then costs about one flush per [`LINGER`], not two per batch.
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, durable: watch::Sender<u64>) {
-        let mut done = 0u64;
+        // Records written, and of them flushed (what `durable` says).
+        let (mut written, mut flushed) = (0u64, 0u64);
+        // Callbacks of `Flushed` appends written but not flushed yet.
+        let mut waiting: Vec<LogFlushed<TypeConfig>> = Vec::new();
+        let mut since = tokio::time::Instant::now();
         let mut batch = Vec::new();
-        while jobs.recv_many(&mut batch, 1024).await > 0 {
+        loop {
+            // Wait for records, or for the moment the ones written are due.
+            let mut due = false;
+            if written > flushed {
+                // Biased: a steady stream of records does not put off the flush.
+                tokio::select! {
+                    biased;
+                    () = self.urgent.notified() => due = true,
+                    () = tokio::time::sleep_until(since + LINGER) => due = true,
+                    n = jobs.recv_many(&mut batch, 1024) => due = n == 0, // closed: flush what is left
+                }
+            } else {
+                jobs.recv_many(&mut batch, 1024).await;
+            }
+            // Unless someone waits for them, more records join these for up
+            // to LINGER, so that one flush serves the lot.
+            let deadline = tokio::time::Instant::now() + LINGER;
+            let mut urgent = due || !waiting.is_empty() || batch.iter().any(|job| job.flushed.is_some());
+            while !batch.is_empty() && !urgent && batch.len() < 1024 {
+                tokio::select! {
+                    biased;
+                    () = self.urgent.notified() => urgent = true,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    n = jobs.recv_many(&mut batch, 1024) => if n == 0 { break },
+                }
+            }
+            // One flush makes the file data written so far durable before
+            // any record that may map it, and the records written before.
+            let data = self.data_written.swap(false, Ordering::AcqRel);
+            if data || written > flushed && urgent {
+                if let Err(e) = flush(&self.store, &self.place.blob).await {
+                    return self.fail(&format!("flushing after page {}", self.next_page), e, waiting, batch);
+                }
+                if written > flushed {
+                    flushed = written;
+                    let _ = durable.send(flushed);
+                    for f in waiting.drain(..) {
+                        f.log_io_completed(Ok(()));
+                    }
+                }
+            }
+            if batch.is_empty() {
+                if jobs.is_closed() && jobs.is_empty() && written == flushed {
+                    return;
+                }
+                continue;
+            }
             let mut bytes = Vec::new();
             for job in &mut batch {
                 let crc = seal(&mut job.bytes, self.prev_crc);
@@ -259,38 +329,44 @@ impl Writer {
                 bytes.append(&mut job.bytes);
             }
             let pages = (bytes.len() / PAGE_SIZE) as u64;
-            let written = async {
-                if self.data_written.swap(false, Ordering::AcqRel) {
-                    flush(&self.store, &self.place.blob).await?;
-                }
-                write_pages(&self.store, &self.place.blob, self.next_page, &bytes).await
-            }
-            .await;
-            if let Err(e) = written {
-                tracing::error!("metadata log: writing {pages} pages at page {} failed: {e}", self.next_page);
-                for job in batch.drain(..) {
-                    if let Some(f) = job.flushed {
-                        f.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                    }
-                }
-                // Nothing after a failed record may count as durable.
-                return;
+            if let Err(e) = write_pages(&self.store, &self.place.blob, self.next_page, &bytes).await {
+                return self.fail(&format!("writing {pages} pages at page {}", self.next_page), e, waiting, batch);
             }
             self.next_page += pages;
-            done += batch.len() as u64;
-            for job in batch.drain(..) {
-                if let Some(f) = job.flushed {
-                    f.log_io_completed(Ok(()));
+            if written == flushed {
+                since = tokio::time::Instant::now();
+            }
+            written += batch.len() as u64;
+            waiting.extend(batch.drain(..).filter_map(|job| job.flushed));
+            if urgent || !waiting.is_empty() {
+                self.urgent.notify_one(); // flushed at the top of the loop
+            }
+            if self.should_rotate() {
+                // The base record holds everything written so far, and is flushed.
+                match self.rotate().await {
+                    Ok(()) => {
+                        flushed = written;
+                        let _ = durable.send(flushed);
+                        for f in waiting.drain(..) {
+                            f.log_io_completed(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        // The old blob stays in use; the next batch tries again.
+                        tracing::error!("metadata log: rotating the log blob failed: {e}");
+                        self.rotate_at = self.next_page + ROTATE_MIN;
+                    }
                 }
             }
-            let _ = durable.send(done);
-            if self.should_rotate()
-                && let Err(e) = self.rotate().await
-            {
-                // The old blob stays in use; the next batch tries again.
-                tracing::error!("metadata log: rotating the log blob failed: {e}");
-                self.rotate_at = self.next_page + ROTATE_MIN;
-            }
+        }
+    }
+
+    /// Stops the writer after a failed write or flush: nothing after the
+    /// last flush may count as durable.
+    fn fail(&self, what: &str, e: crate::BlobError, waiting: Vec<LogFlushed<TypeConfig>>, batch: Vec<Job>) {
+        tracing::error!("metadata log: {what} failed: {e}");
+        for f in waiting.into_iter().chain(batch.into_iter().filter_map(|job| job.flushed)) {
+            f.log_io_completed(Err(std::io::Error::other(e.to_string())));
         }
     }
 
@@ -308,6 +384,9 @@ impl Writer {
             let entries = inner.entries.values().cloned().collect();
             (Record::Base { vote: inner.vote, purged: inner.purged, entries }, inner.purged)
         };
+        // The data the base's entries map was written before they were
+        // appended, so before this flush: durable before the base is.
+        flush(&s, &self.place.blob).await?;
         let mut bytes = base.encode().map_err(|e| crate::BlobError::MetaGroup(e.to_string()))?;
         let crc = seal(&mut bytes, 0);
         let pages = (bytes.len() / PAGE_SIZE) as u64;
@@ -320,7 +399,7 @@ impl Writer {
         s.sync_blob(root).await?;
         let handle = s.open_blob(new).await?;
         let blob = handle.shared().clone();
-        if let Err(e) = write_pages(&s, &blob, 0, &bytes).await {
+        if let Err(e) = async { write_pages(&s, &blob, 0, &bytes).await?; flush(&s, &blob).await }.await {
             // Not the log: gone now, or at the next open if this fails too.
             if handle.close().await.is_ok() && s.delete_blob(new).await.is_ok() {
                 let _ = s.remove_xattr(root, super::LOG_DISCARD_XATTR).await;
@@ -356,7 +435,7 @@ fn seal(rec: &mut [u8], prev: u32) -> u32 {
     crc
 }
 
-/// Writes whole pages of the log blob (growing it as needed) and flushes.
+/// Writes whole pages of the log blob (growing it as needed); not flushed.
 async fn write_pages(
     store: &Blobstore,
     blob: &Arc<BlobShared>,
@@ -373,8 +452,7 @@ async fn write_pages(
     let home = store.home().clone();
     let buf = pmd::DmaBuf::copy_from(bytes)?;
     let c = store.io(&home, BlobIo::write(blob, page, buf, 0)).await?;
-    c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))?;
-    flush(store, blob).await
+    c.status.map_err(|e| crate::BlobError::io(format!("writing the metadata log at page {page}"), e))
 }
 
 /// Flushes the device under the log blob.

@@ -4,8 +4,10 @@
 //! Reads and writes use the ring's registered buffers when the request has one
 //! buffer from the DMA pool, else plain or vectored reads and writes. Flush is
 //! `fdatasync`; FUA writes carry `RWF_DSYNC`. Unmap punches a hole; write
-//! zeroes zeroes the range (`FALLOC_FL_ZERO_RANGE` on block devices, a hole in
-//! files, which reads back as zeros). A short transfer is continued where it
+//! zeroes zeroes the range in place (`FALLOC_FL_ZERO_RANGE`: the blocks stay
+//! allocated, so a later write into them does not make the file system
+//! allocate, which io_uring would hand to a worker thread), or punches a hole
+//! in a file whose file system cannot zero in place (tmpfs). A short transfer is continued where it
 //! stopped; a transfer that makes no progress fails with EIO.
 
 mod ring;
@@ -138,7 +140,7 @@ impl UringDev {
             ring,
             attachment,
             block_size: bdev.block_size() as u64,
-            is_block_device: self.backing.is_block_device,
+            zero_range: true,
             inflight: Vec::new(),
         })
     }
@@ -155,7 +157,9 @@ pub(crate) struct UringChannel {
     ring: IoChannel<Ring>,
     attachment: Attachment,
     block_size: u64,
-    is_block_device: bool,
+    /// Write zeroes uses `FALLOC_FL_ZERO_RANGE` (until the file system says
+    /// it cannot; then it punches holes).
+    zero_range: bool,
     inflight: Vec<Option<Inflight>>,
 }
 
@@ -219,7 +223,7 @@ impl UringChannel {
             }
             IoType::Flush => with_file!(|f| opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build()),
             IoType::Unmap | IoType::WriteZeroes => {
-                let mode = if io.op == IoType::WriteZeroes && self.is_block_device {
+                let mode = if io.op == IoType::WriteZeroes && self.zero_range {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -271,6 +275,17 @@ impl UringChannel {
                 IoType::Read | IoType::Write => (req.io.num_blocks * self.block_size) as usize,
                 _ => 0,
             };
+            if res == -libc::EOPNOTSUPP && req.io.op == IoType::WriteZeroes && self.zero_range {
+                tracing::debug!("the file system cannot zero a range in place: write zeroes punches holes");
+                self.zero_range = false;
+                match self.push(slot, req) {
+                    Ok(()) => continue,
+                    Err(io) => {
+                        out.push(Completion::of(io, Err(IoError::Os(libc::EOPNOTSUPP))));
+                        continue;
+                    }
+                }
+            }
             let status = if res < 0 {
                 Err(if res == -libc::ECANCELED { IoError::Aborted } else { IoError::Os(-res) })
             } else if total > 0 && req.done + (res as usize) < total {
