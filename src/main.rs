@@ -89,8 +89,20 @@ struct UmountArgs {
 fn call(socket: &std::path::Path, method: &str, params: Option<serde_json::Value>) -> anyhow::Result<ExitCode> {
     let mut client = clients::control::Client::connect(socket, Duration::from_secs(120))?;
     let result = client.call(method, params)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
+    emit(&format!("{}\n", serde_json::to_string_pretty(&result)?))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a command's output to stdout. A reader that closed the pipe early
+/// (`claudefs rpc ... | grep -q X`) has what it wanted: that is the normal end,
+/// not an error (Rust ignores SIGPIPE, so `println!` would panic instead).
+fn emit(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 #[derive(clap::Args)]
@@ -126,7 +138,7 @@ fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     let mut client = Client::connect(&args.socket, timeout)?;
     if args.params.iter().any(|p| p == "--help" || p == "-h") {
-        print!("{}", render_help(&client.describe(&args.method)?));
+        emit(&render_help(&client.describe(&args.method)?))?;
         return Ok(ExitCode::SUCCESS);
     }
     let params = if args.params.is_empty() || args.params[0].trim_start().starts_with('{') {
@@ -138,7 +150,7 @@ fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
     match client.call(&args.method, params) {
         Ok(result) => {
             let text = if args.raw { serde_json::to_string(&result)? } else { serde_json::to_string_pretty(&result)? };
-            println!("{text}");
+            emit(&format!("{text}\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e @ ClientError::Rpc { .. }) => {

@@ -411,6 +411,16 @@ fn the_rpc_command_takes_flags_or_json_and_explains_methods() {
     assert!(stderr(&failed).contains("error -19: no bdev named \"none\""), "{}", stderr(&failed));
     let nosock = claudefs(&["rpc", "-s", "/nonexistent.sock", "rpc_get_methods"]);
     assert!(stderr(&nosock).contains("is `claudefs server` running?"), "{}", stderr(&nosock));
+    // A reader that stops early (`| grep -q`) is the normal end of the output, not a panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let closed = Command::new(BIN)
+        .args(["rpc", "-s", sock, "rpc_get_methods"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(closed.status.success(), "{}", stderr(&closed));
+    assert!(!stderr(&closed).contains("panicked"), "{}", stderr(&closed));
 }
 
 #[test]
