@@ -53,6 +53,15 @@ pub struct UpArgs {
     /// docs/fs.md says what it changes).
     #[arg(long)]
     pub writeback_cache: bool,
+    /// Master key of encrypted data: a file of 32 raw bytes or 64 hex
+    /// digits (`head -c 32 /dev/urandom > key`). The first key a file
+    /// system is given is the one it keeps (docs/reduce.md).
+    #[arg(long, conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// Master key of encrypted data from a passphrase (Argon2id), read
+    /// from this file.
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// Parses `4096`, `512m`, `1g`, `2T`.
@@ -146,7 +155,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         ),
         call(
             "fs_mount",
-            Some(json!({ "bdev_name": "Uring0", "mountpoint": args.mount, "writeback_cache": args.writeback_cache })),
+            Some(json!({
+                "bdev_name": "Uring0",
+                "mountpoint": args.mount,
+                "writeback_cache": args.writeback_cache,
+                "key_file": args.key_file.as_ref().map(|p| std::path::absolute(p).unwrap_or(p.clone())),
+                "passphrase_file": args.passphrase_file.as_ref().map(|p| std::path::absolute(p).unwrap_or(p.clone())),
+            })),
             format!("mounting on {}", args.mount.display()),
         ),
     ]

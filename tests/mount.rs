@@ -56,7 +56,12 @@ impl Up {
 
     /// Runs an `up` that must fail; returns what it said.
     fn refused(dir: &Path, image: &Path, mount: &Path) -> String {
-        let mut up = Self::spawn(dir, image, mount);
+        Self::refused_with(dir, image, mount, &[])
+    }
+
+    /// [`Up::refused`] with `extra` options.
+    fn refused_with(dir: &Path, image: &Path, mount: &Path, extra: &[&str]) -> String {
+        let mut up = Self::spawn_with(dir, image, mount, "256m", extra);
         let deadline = Instant::now() + Duration::from_secs(30);
         while up.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "still running after 30 s: {}", up.log());
@@ -98,6 +103,20 @@ impl Up {
 
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Calls a method on the server's control socket; its result.
+    fn rpc(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("rpc")
+            .arg("-s")
+            .arg(&self.socket)
+            .arg(method)
+            .arg(params.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// `claudefs down`, then waits for the process and checks the mount is gone.
@@ -528,5 +547,87 @@ fn the_writeback_cache_loses_nothing_at_down_or_after_fsync() {
     up.kill9();
     let up = Up::start(dir.path(), &image, &mnt).unwrap();
     assert_eq!(std::fs::read(mnt.join("synced")).unwrap(), &data[..1_000_000], "written back by fsync");
+    up.down();
+}
+
+/// Sets an xattr through the mount (std has no call for it).
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: both strings are NUL-terminated and outlive the call; value is
+    // a valid slice of its length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Reads an xattr through the mount.
+fn get_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: as in set_xattr; buf is writable for its length.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// A directory with a reduction policy (set by its xattr through the mount):
+/// copies of a file are stored once, compressed and encrypted; the audit is
+/// clean; all survives kill -9 with the key, and without it the file system
+/// is refused.
+#[test]
+fn reduced_directories_dedupe_compress_and_encrypt_through_the_mount() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let key = dir.path().join("key");
+    std::fs::write(&key, [0x5a; 32]).unwrap();
+    let key_arg = ["--key-file", key.to_str().unwrap()];
+    let up = Up::spawn_with(dir.path(), &image, &mnt, "256m", &key_arg).wait_mounted().unwrap();
+    let r = mnt.join("r");
+    std::fs::create_dir(&r).unwrap();
+    assert_eq!(errno_of(set_xattr(&r, "claudefs.reduce", b"no such policy")), libc::EINVAL);
+    set_xattr(&r, "claudefs.reduce", b"cdc:16k:64k:256k,lz4,enc").unwrap();
+    assert_eq!(get_xattr(&r, "claudefs.reduce").unwrap(), b"cdc:16k:64k:256k,lz4,enc");
+    let data = common::random_bytes(8 << 20);
+    let text: Vec<u8> = (0..4 << 20).map(|i: u32| b"claudefs reduces this line of text\n"[(i % 35) as usize]).collect();
+    std::fs::write(r.join("src"), &data).unwrap();
+    std::fs::write(r.join("text"), &text).unwrap();
+    for i in 0..5 {
+        std::fs::copy(r.join("src"), r.join(format!("copy{i}"))).unwrap();
+    }
+    let stats = &up.rpc("fs_get_reduce_stats", serde_json::json!({}))[0];
+    assert_eq!(stats["logical_bytes"], 6 * (8 << 20) + (4 << 20), "{stats}");
+    // Stored once: the random file and the text (whose chunks differ, by phase).
+    assert!(stats["unique_bytes"].as_u64().unwrap() <= (12 << 20) + (1 << 20), "{stats}");
+    assert!(stats["compression_ratio"].as_f64().unwrap() > 1.3, "{stats}");
+    assert!(stats["reduction_ratio"].as_f64().unwrap() > 5.0, "{stats}");
+    let policy = up.rpc("fs_get_reduce_policy", serde_json::json!({ "mountpoint": mnt, "path": "r/copy3" }));
+    assert_eq!(policy["reduced"], true, "{policy}");
+    let audit = up.rpc("reduce_audit", serde_json::json!({ "mountpoint": mnt }));
+    assert_eq!(audit["clean"], true, "{audit}");
+    assert!(audit["frames_checked"].as_u64().unwrap() > 100, "{audit}");
+    let check = |mnt: &Path| {
+        for i in 0..5 {
+            assert!(std::fs::read(mnt.join(format!("r/copy{i}"))).unwrap() == data, "copy{i} differs");
+        }
+        assert!(std::fs::read(mnt.join("r/text")).unwrap() == text, "text differs");
+    };
+    check(&mnt);
+    // The image holds no plaintext: the text is compressed and encrypted.
+    let needle = "reduces this line of text";
+    std::fs::File::open(mnt.join("r")).unwrap().sync_all().unwrap();
+    up.kill9();
+    let found = Command::new("grep").args(["-q", "-a", "-F"]).arg(needle).arg(&image).status().unwrap();
+    assert_eq!(found.code(), Some(1), "plaintext found in the image (or grep failed)");
+    let refused = Up::refused(dir.path(), &image, &mnt);
+    assert!(refused.contains("holds a master key"), "{refused}");
+    let up = Up::spawn_with(dir.path(), &image, &mnt, "256m", &key_arg).wait_mounted().unwrap();
+    check(&mnt);
+    let audit = up.rpc("reduce_audit", serde_json::json!({ "mountpoint": mnt }));
+    assert_eq!(audit["clean"], true, "{audit}");
     up.down();
 }

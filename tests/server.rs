@@ -414,11 +414,7 @@ fn the_rpc_command_takes_flags_or_json_and_explains_methods() {
     // A reader that stops early (`| grep -q`) is the normal end of the output, not a panic.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let closed = Command::new(BIN)
-        .args(["rpc", "-s", sock, "rpc_get_methods"])
-        .stdout(writer)
-        .output()
-        .unwrap();
+    let closed = Command::new(BIN).args(["rpc", "-s", sock, "rpc_get_methods"]).stdout(writer).output().unwrap();
     assert!(closed.status.success(), "{}", stderr(&closed));
     assert!(!stderr(&closed).contains("panicked"), "{}", stderr(&closed));
 }

@@ -115,14 +115,11 @@ fn errno(e: Errno) -> fuser::Errno {
 }
 
 fn now() -> Time {
-    time_of(SystemTime::now())
+    Time::now()
 }
 
 fn time_of(t: SystemTime) -> Time {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Time(d.as_nanos().min(i64::MAX as u128) as i64),
-        Err(e) => Time(-(e.duration().as_nanos().min(i64::MAX as u128) as i64)),
-    }
+    Time::from(t)
 }
 
 fn system_time(t: Time) -> SystemTime {

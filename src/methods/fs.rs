@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use blobfs::fs::FileSystem;
 use blobfs::fs::raft::MetaOptions;
+use blobfs::fs::state::POLICY_XATTR;
+use blobfs::fs::{Cmd, Errno, FileSystem, Ino, KeySource, ROOT, XattrMode};
+use blobfs::reduce::{ReduceError, ReducePolicy};
 use pmd::rpc::{Allowed, Methods, RpcError};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,72 @@ pub struct MountParams {
     /// faster buffered writes; see docs/fs.md for what it changes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub writeback_cache: bool,
+    /// Master key of encrypted data: a file of 32 raw bytes or 64 hex
+    /// digits. The first key a file system is given is the one it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Master key of encrypted data from a passphrase (Argon2id): a file
+    /// holding it (one trailing newline is not part of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl MountParams {
+    /// The master key source the parameters name, if any.
+    fn key(&self) -> Result<Option<KeySource>, RpcError> {
+        match (&self.key_file, &self.passphrase_file) {
+            (Some(_), Some(_)) => Err(RpcError::invalid_params("give key_file or passphrase_file, not both")),
+            (Some(k), None) => Ok(Some(KeySource::File(k.clone()))),
+            (None, Some(p)) => {
+                let mut text = std::fs::read(p)
+                    .map_err(|e| RpcError::invalid_params(format!("passphrase file {}: {e}", p.display())))?;
+                if text.last() == Some(&b'\n') {
+                    text.pop();
+                }
+                if text.is_empty() {
+                    return Err(RpcError::invalid_params(format!("passphrase file {} is empty", p.display())));
+                }
+                Ok(Some(KeySource::Passphrase(text)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Parameters naming a path in a mounted file system.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PathRef {
+    /// The mount point.
+    mountpoint: PathBuf,
+    /// A path within the file system, from its root (`/` or `""`: the root).
+    path: String,
+}
+
+/// Parameters of `fs_set_reduce_policy`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SetPolicy {
+    /// The mount point.
+    mountpoint: PathBuf,
+    /// A directory (new files and directories under it take the policy) or
+    /// an empty regular file, from the file system's root.
+    path: String,
+    /// The policy, e.g. `cdc:16k:64k:256k,lz4` or `fixed:64k,zstd:3,enc`
+    /// (docs/reduce.md); null removes it (new files are stored plainly).
+    policy: Option<String>,
+}
+
+/// Parameters of `reduce_audit`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// The mount point.
+    mountpoint: PathBuf,
+    /// Set reference counts that disagree with the files to what the files
+    /// say (default false: only report).
+    #[serde(default)]
+    repair: bool,
 }
 
 /// Parameters naming a mount.
@@ -70,6 +138,18 @@ impl FsState {
             .build()
             .map_err(|e| RpcError::errno(libc::EIO, format!("starting the file system runtime: {e}")))?;
         Ok(self.runtime.get_or_init(|| rt))
+    }
+
+    /// `f` of each mount, an object, with its mount point added.
+    fn per_mount(&self, f: impl Fn(&Mount) -> Value) -> Vec<Value> {
+        self.lock()
+            .iter()
+            .map(|(path, m)| {
+                let mut v = f(m);
+                v["mountpoint"] = json!(path);
+                v
+            })
+            .collect()
     }
 
     /// The `fs_mount` calls that recreate the mounts (for save_config).
@@ -182,6 +262,41 @@ fn detach(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The file system mounted on `mountpoint`.
+fn mounted(app: &App, mountpoint: &Path) -> Result<Arc<FileSystem>, RpcError> {
+    let path = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    app.fs.lock().get(&path).map(|m| m.fs.clone()).ok_or_else(|| {
+        RpcError::errno(libc::ENOENT, format!("no ClaudeFS file system is mounted on {}", path.display()))
+    })
+}
+
+/// The file system mounted on `mountpoint` and the inode `path` names in it.
+fn at_path(app: &App, mountpoint: &Path, path: &str) -> Result<(Arc<FileSystem>, Ino), RpcError> {
+    let fs = mounted(app, mountpoint)?;
+    let ino = resolve(&fs, path)?;
+    Ok((fs, ino))
+}
+
+/// The policy xattr of `ino`, if it has one.
+fn policy_of(fs: &FileSystem, ino: Ino) -> Option<String> {
+    fs.meta().read(|s| s.getxattr(ino, POLICY_XATTR).ok().map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+/// The inode `path` names, from the file system's root (no symlinks followed).
+fn resolve(fs: &FileSystem, path: &str) -> Result<Ino, RpcError> {
+    let mut ino = ROOT;
+    for name in path.split('/').filter(|n| !n.is_empty() && *n != ".") {
+        ino = fs.meta().read(|s| s.lookup(ino, name.as_bytes()).map(|a| a.ino)).map_err(|e| {
+            RpcError::errno(e.0, format!("path {path:?}: {name:?}: {}", std::io::Error::from_raw_os_error(e.0)))
+        })?;
+    }
+    Ok(ino)
+}
+
+fn errno_err(what: &str, e: Errno) -> RpcError {
+    RpcError::errno(e.0, format!("{what}: {}", std::io::Error::from_raw_os_error(e.0)))
+}
+
 fn fs_err(e: blobfs::BlobError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }
@@ -213,12 +328,17 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                         opts.chunk_size
                     )));
                 }
+                let key = p.key()?;
                 let fs = rt
-                    .spawn(async move { FileSystem::open(&store, reactors, opts).await })
+                    .spawn(async move { FileSystem::open_keyed(&store, reactors, opts, key).await })
                     .await
                     .map_err(|e| RpcError::errno(libc::EIO, e.to_string()))?
                     .map_err(fs_err)?;
                 let fs = Arc::new(fs);
+                {
+                    let _runtime = rt.enter();
+                    fs.start_gc();
+                }
                 let fuse = clients::fuse::Fuse::new(fs.clone(), rt.handle().clone(), p.writeback_cache);
                 let config = clients::fuse::mount_config();
                 let session = fuser::spawn_mount(fuse, &path, &config).map_err(|e| {
@@ -264,24 +384,109 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         "Per mounted file system: inodes, bytes of file data, free and total space, chunk size.",
         Allowed::Always,
         move |_: Value| {
-            let stats: Vec<Value> =
-                a.fs.lock()
-                    .iter()
-                    .map(|(path, m)| {
-                        let (pages, free) = m.fs.space();
-                        let (usage, chunk) = m.fs.meta().read(|s| (s.usage(), s.chunk_size()));
-                        json!({
-                            "mountpoint": path,
-                            "bdev_name": m.params.bdev_name,
-                            "inodes": usage.inodes,
-                            "data_bytes": usage.data_pages * 4096,
-                            "free_bytes": free * 4096,
-                            "total_bytes": pages * 4096,
-                            "chunk_size": chunk,
-                        })
-                    })
-                    .collect();
+            let stats = a.fs.per_mount(|m| {
+                let (pages, free) = m.fs.space();
+                let (usage, chunk) = m.fs.meta().read(|s| (s.usage(), s.chunk_size()));
+                json!({
+                    "bdev_name": m.params.bdev_name,
+                    "inodes": usage.inodes,
+                    "data_bytes": usage.data_pages * 4096,
+                    "free_bytes": free * 4096,
+                    "total_bytes": pages * 4096,
+                    "chunk_size": chunk,
+                    "reduce": m.fs.reduce_stats(),
+                })
+            });
             async move { Ok(stats) }
+        },
+    );
+    let a = app.clone();
+    m.add(
+        "fs_set_reduce_policy",
+        "Set (or, with a null policy, remove) the data-reduction policy of a directory, which new files and \
+         directories under it take, or of an empty regular file (the claudefs.reduce xattr).",
+        Allowed::Runtime,
+        move |p: SetPolicy| {
+            let a = a.clone();
+            async move {
+                let (fs, ino) = at_path(&a, &p.mountpoint, &p.path)?;
+                let name = POLICY_XATTR.to_vec();
+                let now = blobfs::fs::Time::now();
+                let cmd = match &p.policy {
+                    Some(text) => {
+                        let policy: ReducePolicy =
+                            text.parse().map_err(|e: ReduceError| RpcError::invalid_params(e.to_string()))?;
+                        let value = policy.to_string().into_bytes();
+                        Cmd::SetXattr { ino, name, value, mode: XattrMode::Upsert, now }
+                    }
+                    None => Cmd::RemoveXattr { ino, name, now },
+                };
+                match fs.apply(cmd).await {
+                    Ok(_) | Err(Errno::ENODATA) if p.policy.is_none() => Ok(Value::Null),
+                    Ok(_) => Ok(json!(policy_of(&fs, ino))),
+                    Err(Errno::EBUSY) => Err(RpcError::errno(
+                        libc::EBUSY,
+                        format!(
+                            "{}: a file's layout is chosen at its creation; only an empty file takes a policy",
+                            p.path
+                        ),
+                    )),
+                    Err(e) if e.0 == libc::ENOKEY => Err(RpcError::errno(
+                        e.0,
+                        "a policy that encrypts needs the file system mounted with a master key \
+                         (key_file or passphrase_file)",
+                    )),
+                    Err(e) => Err(errno_err(&p.path, e)),
+                }
+            }
+        },
+    );
+    let a = app.clone();
+    m.add(
+        "fs_get_reduce_policy",
+        "The data-reduction policy of a file or directory (null: none), and whether a file's data is reduced.",
+        Allowed::Always,
+        move |p: PathRef| {
+            let a = a.clone();
+            async move {
+                let (fs, ino) = at_path(&a, &p.mountpoint, &p.path)?;
+                let reduced = fs.meta().read(|s| s.reduce_policy(ino)).map_err(|e| errno_err(&p.path, e))?.is_some();
+                Ok(json!({ "policy": policy_of(&fs, ino), "reduced": reduced }))
+            }
+        },
+    );
+    let a = app.clone();
+    m.add(
+        "fs_get_reduce_stats",
+        "Per mounted file system: logical and stored bytes, dedupe, compression and overall reduction ratios, \
+         garbage collection progress.",
+        Allowed::Always,
+        move |_: Value| {
+            let stats = a.fs.per_mount(|m| serde_json::to_value(m.fs.reduce_stats()).unwrap_or_default());
+            async move { Ok(stats) }
+        },
+    );
+    let a = app.clone();
+    m.add(
+        "reduce_audit",
+        "Walk every reduced file and the dedupe index: check reference counts and decode every stored chunk, \
+         reporting discrepancies (and, with repair, setting wrong counts to what the files say).",
+        Allowed::Runtime,
+        move |p: AuditParams| {
+            let a = a.clone();
+            async move {
+                let fs = mounted(&a, &p.mountpoint)?;
+                let rt = a.fs.runtime()?;
+                let report = rt
+                    .spawn(async move { fs.reduce_audit(p.repair).await })
+                    .await
+                    .map_err(|e| RpcError::errno(libc::EIO, e.to_string()))?
+                    .map_err(|e| errno_err("reduce audit", e))?;
+                let clean = report.clean();
+                let mut v = serde_json::to_value(&report).unwrap_or_default();
+                v["clean"] = json!(clean);
+                Ok(v)
+            }
         },
     );
 }

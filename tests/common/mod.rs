@@ -20,3 +20,18 @@ pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     });
     log
 }
+
+/// `len` pseudo-random bytes (xorshift64*): incompressible test data.
+#[allow(dead_code)]
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

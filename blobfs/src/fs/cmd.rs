@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::reduced::{NewFrame, View};
 use super::types::{Attr, ChunkRef, Creator, FileKind, Ino, Time};
+use crate::reduce::ChunkHash;
 
 /// `rename` flags (renameat2(2)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -215,6 +217,43 @@ pub enum Cmd {
         chunks: Vec<(u64, ChunkRef)>,
         /// When (mtime and ctime).
         now: Time,
+    },
+    /// Records reduced data written to a reduced file (docs/reduce.md):
+    /// stores the frames of new segments whose chunks the index does not
+    /// hold yet, and replaces the bytes `[from, to)` of the file by `views`
+    /// (none: a hole).
+    ReduceWrite {
+        /// The file.
+        ino: Ino,
+        /// First byte replaced.
+        from: u64,
+        /// End of the bytes replaced.
+        to: u64,
+        /// The new views, by offset, within `[from, to)`.
+        views: Vec<(u64, View)>,
+        /// Segments written for this command, each with the frames in it.
+        segments: Vec<(ChunkRef, Vec<NewFrame>)>,
+        /// The file's size is at least this afterwards.
+        end: u64,
+        /// When (mtime and ctime).
+        now: Time,
+    },
+    /// Garbage collection: the frames of chunks copied into a new segment;
+    /// each `(chunk, old segment, offset in the new one)` still stored in
+    /// its old segment moves.
+    ReduceMove {
+        /// The new segment.
+        segment: ChunkRef,
+        /// The moves.
+        moves: Vec<(ChunkHash, u64, u32)>,
+    },
+    /// The audit's repair: sets chunks' reference counts (a chunk set to 0
+    /// leaves the index) and the logical byte count.
+    ReduceRepair {
+        /// Chunk → the number of views that name it.
+        refs: Vec<(ChunkHash, u64)>,
+        /// Bytes all views hold.
+        logical: u64,
     },
 }
 

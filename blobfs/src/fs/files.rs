@@ -22,8 +22,10 @@ const POOL_XATTR: &str = "claudefs.fs.data";
 
 /// A mounted-or-not file system on a blobstore.
 pub struct FileSystem {
-    meta: MetaRaft,
-    data: DataPool,
+    pub(super) meta: MetaRaft,
+    pub(super) data: DataPool,
+    /// Keys and garbage collection of reduced files.
+    pub(super) reduction: super::reduce_io::Reduction,
     chunk_size: u64,
     /// Per file: held shared by writes of whole units, alone by everything
     /// that reads what it rewrites (see [`FileSystem::write`]).
@@ -42,8 +44,27 @@ impl FileSystem {
     /// data I/O runs on `reactors`. Orphans a previous run left (unlinked
     /// files that were open when it stopped) are reclaimed.
     pub async fn open(store: &Blobstore, reactors: Vec<ReactorHandle>, opts: MetaOptions) -> Result<Self, BlobError> {
+        Self::open_keyed(store, reactors, opts, None).await
+    }
+
+    /// [`FileSystem::open`] with the master key of encrypted data
+    /// (docs/reduce.md). The first key given to a file system is the one it
+    /// keeps: a different one, or none once it has one, is refused.
+    pub async fn open_keyed(
+        store: &Blobstore,
+        reactors: Vec<ReactorHandle>,
+        opts: MetaOptions,
+        key: Option<KeySource>,
+    ) -> Result<Self, BlobError> {
         let meta = MetaRaft::open(store, opts).await?;
         let root = store.get_super().await?.expect("MetaRaft::open made a root");
+        let keys = match master_key(store, root, key).await {
+            Ok(k) => k,
+            Err(e) => {
+                meta.shutdown().await.ok();
+                return Err(e);
+            }
+        };
         let pool = match xattr_u64(&store.xattrs(root).await?, POOL_XATTR)? {
             Some(b) => b,
             None => {
@@ -71,6 +92,7 @@ impl FileSystem {
         let fs = FileSystem {
             meta,
             data,
+            reduction: super::reduce_io::Reduction::new(keys),
             chunk_size,
             writers: Mutex::default(),
             refs: Mutex::default(),
@@ -110,7 +132,20 @@ impl FileSystem {
                 | Cmd::Punch { .. }
                 | Cmd::PunchRange { .. }
                 | Cmd::Reclaim { .. }
-        );
+                | Cmd::ReduceMove { .. }
+                | Cmd::ReduceRepair { .. }
+        ) || matches!(&cmd, Cmd::ReduceWrite { views, .. } if views.is_empty());
+        if let Cmd::SetXattr { name, value, .. } = &cmd
+            && name == super::state::POLICY_XATTR
+            && !self.reduction.keys.has_key()
+            && std::str::from_utf8(value)
+                .ok()
+                .and_then(|t| t.trim().parse::<crate::reduce::ReducePolicy>().ok())
+                .is_some_and(|p| p.encrypt)
+        {
+            tracing::warn!("a reduce policy that encrypts needs the file system to be mounted with a master key");
+            return Err(Errno(libc::ENOKEY));
+        }
         if self.data.metadata_space_low() {
             self.compact();
             if !frees {
@@ -213,7 +248,7 @@ impl FileSystem {
     }
 
     /// The lock of `ino`'s data.
-    fn writer(&self, ino: Ino) -> Arc<tokio::sync::RwLock<()>> {
+    pub(super) fn writer(&self, ino: Ino) -> Arc<tokio::sync::RwLock<()>> {
         self.writers.lock().unwrap_or_else(|p| p.into_inner()).entry(ino).or_default().clone()
     }
 
@@ -237,6 +272,9 @@ impl FileSystem {
     /// Fills `out` with the file's bytes from `offset` on; returns how many
     /// lie within the file (the rest of `out` is left alone).
     async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
+        if self.meta.read(|s| s.reduce_policy(ino))?.is_some() {
+            return self.read_reduced(ino, offset, out).await;
+        }
         // The ticket comes before the lookup: pages freed after it stay
         // untouched until this read is done.
         let _ticket = self.data.ticket();
@@ -290,6 +328,9 @@ impl FileSystem {
         if data.is_empty() {
             return self.meta.read(|s| s.getattr(ino).cloned());
         }
+        if let Some(policy) = self.meta.read(|s| s.reduce_policy(ino))? {
+            return self.write_reduced(ino, offset, data, now, policy).await;
+        }
         let u = self.chunk_size;
         let lock = self.writer(ino);
         let whole = offset % u == 0 && end % u == 0;
@@ -334,15 +375,7 @@ impl FileSystem {
     ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
         debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
         let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
-        let runs = match self.data.alloc(pages, up).await {
-            // Space a delete let go of comes back once the delete is
-            // durable: wait for that rather than fail.
-            Err(Errno::ENOSPC) if self.data.frees_waiting() => {
-                self.meta.sync().await?;
-                self.data.alloc(pages, up).await?
-            }
-            r => r?,
-        };
+        let runs = self.alloc_pages(pages, up).await?;
         let written = async {
             let mut writes = Vec::with_capacity(runs.len());
             let mut at = from;
@@ -367,6 +400,19 @@ impl FileSystem {
                 (unit, run)
             })
             .collect())
+    }
+
+    /// Allocates `pages` pages in runs of whole `unit`s ([`DataPool::alloc`]).
+    pub(super) async fn alloc_pages(&self, pages: u64, unit: u64) -> Result<Vec<ChunkRef>, Errno> {
+        match self.data.alloc(pages, unit).await {
+            // Space a delete let go of comes back once the delete is
+            // durable: wait for that rather than fail.
+            Err(Errno::ENOSPC) if self.data.frees_waiting() => {
+                self.meta.sync().await?;
+                self.data.alloc(pages, unit).await
+            }
+            r => r,
+        }
     }
 
     /// A buffer for `run`, to hold the file's bytes from `at` on as
@@ -440,8 +486,15 @@ impl FileSystem {
         let lock = self.writer(ino);
         let _alone = lock.write().await;
         let size = self.file_size(ino, Errno::ENODEV)?;
+        let reduced = self.meta.read(|s| s.reduce_policy(ino))?.is_some();
         let mut attr = None;
-        if mode & (PUNCH | ZERO) != 0 {
+        if mode & (PUNCH | ZERO) != 0 && reduced {
+            if offset < end.min(size) {
+                attr = Some(self.punch_reduced(ino, offset, end.min(size), now).await?);
+            }
+        } else if reduced {
+            // Reduced data takes what it compresses to: nothing to check ahead.
+        } else if mode & (PUNCH | ZERO) != 0 {
             attr = Some(self.zero_range(ino, offset, end.min(size), size, now).await?);
         } else {
             // The pages the range's holes would take.
@@ -528,6 +581,7 @@ impl FileSystem {
     /// Makes everything durable, stops the metadata group and closes the
     /// file system's blobs (so the store can be unloaded cleanly).
     pub async fn shutdown(&self) -> Result<(), Errno> {
+        self.stop_gc().await;
         self.sync().await?;
         self.meta.shutdown().await?;
         self.pool.close("data pool").await
@@ -545,7 +599,7 @@ struct Refs {
 
 /// The attributes a command changing one inode (write, setattr, punch)
 /// replies with.
-fn attributes(reply: Reply) -> Attr {
+pub(super) fn attributes(reply: Reply) -> Attr {
     match reply {
         Reply::Attr(a, _) => a,
         r => unreachable!("a command changing one inode replies with attributes, not {r:?}"),
@@ -570,4 +624,73 @@ fn coalesce(extents: Vec<(u64, ChunkRef)>) -> Vec<(u64, ChunkRef)> {
         }
     }
     out
+}
+
+/// Where the master key of encrypted data comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A key file: 32 raw bytes or 64 hex digits.
+    File(std::path::PathBuf),
+    /// A passphrase, stretched by Argon2id with parameters the file system
+    /// keeps (made the first time).
+    Passphrase(Vec<u8>),
+}
+
+/// The root blob's xattr holding a check value of the master key.
+const KEY_CHECK_XATTR: &str = "claudefs.fs.key_check";
+/// The root blob's xattr holding the Argon2id parameters (postcard).
+const KDF_XATTR: &str = "claudefs.fs.kdf";
+
+/// The scope keys of the file system (scope 0: one volume), from `key`
+/// checked against the check value the root blob keeps (set the first time
+/// a key is given).
+async fn master_key(
+    store: &Blobstore,
+    root: u64,
+    key: Option<KeySource>,
+) -> Result<crate::reduce::ScopeKeys, BlobError> {
+    use crate::reduce::{KdfParams, MasterKey, ScopeKeys};
+    let invalid = |reason: String| BlobError::Invalid { what: "master key", reason };
+    let xattrs = store.xattrs(root).await?;
+    let check = xattrs.get(KEY_CHECK_XATTR);
+    let master = match key {
+        None if check.is_some() => {
+            return Err(invalid(
+                "this file system holds a master key for encrypted data; give it (a key file or a passphrase)".into(),
+            ));
+        }
+        None => return Ok(ScopeKeys::unencrypted(0)),
+        Some(KeySource::File(path)) => MasterKey::from_key_file(&path).map_err(|e| invalid(e.to_string()))?,
+        Some(KeySource::Passphrase(p)) => {
+            let params = match xattrs.get(KDF_XATTR) {
+                Some(json) => postcard::from_bytes::<KdfParams>(json).map_err(|e| BlobError::Corrupt {
+                    location: format!("file system root blob, xattr {KDF_XATTR}"),
+                    reason: e.to_string(),
+                })?,
+                None => {
+                    let params = KdfParams::generate();
+                    let json = postcard::to_stdvec(&params).expect("KdfParams serialise");
+                    store.set_xattr(root, KDF_XATTR, &json).await?;
+                    params
+                }
+            };
+            MasterKey::from_passphrase(&p, &params).map_err(|e| invalid(e.to_string()))?
+        }
+    };
+    // A keyed hash of a fixed text, in a scope no data uses: tells keys
+    // apart without saying anything about them.
+    let value = master.scope(u64::MAX).hash(true, b"claudefs master key check").map_err(|e| invalid(e.to_string()))?;
+    match check {
+        Some(c) if c.as_slice() != value.0.as_slice() => {
+            return Err(invalid(
+                "the key given is not the one this file system's encrypted data was written with".into(),
+            ));
+        }
+        Some(_) => {}
+        None => {
+            store.set_xattr(root, KEY_CHECK_XATTR, &value.0).await?;
+            store.sync_blob(root).await?;
+        }
+    }
+    Ok(master.scope(0))
 }

@@ -18,11 +18,14 @@ pub mod cmd;
 pub mod data;
 mod files;
 pub mod raft;
+mod reduce_io;
+pub mod reduced;
 pub mod state;
 pub mod types;
 
 pub use cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
-pub use files::FileSystem;
+pub use files::{FileSystem, KeySource};
+pub use reduce_io::{AuditReport, GcPass, ReduceStats};
 pub use state::{MetaState, Usage};
 pub use types::{Attr, ChunkRef, Creator, DirEntry, Errno, FileKind, Ino, ROOT, Time};
 

@@ -19,10 +19,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+use super::reduced::{ReduceIndex, View};
 use super::types::*;
+use crate::reduce::ReducePolicy;
+
+/// The xattr holding a directory's or a file's data-reduction policy (its
+/// canonical text form; docs/reduce.md). New files and directories take
+/// their parent's.
+pub const POLICY_XATTR: &[u8] = b"claudefs.reduce";
 
 /// Bytes per page of file data.
 const PAGE: u64 = crate::format::PAGE_SIZE as u64;
+
+/// The extents of a file without any.
+static NO_EXTENTS: BTreeMap<u64, ChunkRef> = BTreeMap::new();
 
 /// Readdir cookies 1 and 2 are `.` and `..`; entries start at 3.
 const FIRST_COOKIE: u64 = 3;
@@ -48,6 +58,14 @@ enum Body {
     },
     /// Fifos, sockets and device nodes.
     Special,
+    // New variants go last: snapshots store the variant's index.
+    /// A regular file whose data is reduced (docs/reduce.md): byte offset →
+    /// the view of a chunk holding the bytes from there on. Bytes no view
+    /// holds are holes.
+    Reduced {
+        /// The views, by offset; they never overlap.
+        views: BTreeMap<u64, View>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +95,11 @@ pub struct MetaState {
     next_generation: u64,
     chunk_size: u64,
     usage: Usage,
+    /// The dedupe index and its segments. Not in the derived encoding:
+    /// snapshots append it (see [`super::raft`]), so that snapshots made
+    /// before it existed still load.
+    #[serde(skip)]
+    reduce: ReduceIndex,
 }
 
 impl MetaState {
@@ -92,6 +115,7 @@ impl MetaState {
             next_generation: 1,
             chunk_size,
             usage: Usage::default(),
+            reduce: ReduceIndex::default(),
         };
         let by = Creator { uid: root_uid, gid: root_gid, now };
         let root = s.new_inode(FileKind::Dir, 0o755, 0, by, Body::dir(ROOT));
@@ -187,25 +211,74 @@ impl MetaState {
                 _ => None,
             })
             .flatten()
+            .chain(self.reduce.runs())
+    }
+
+    /// The dedupe index and its segments.
+    pub fn reduce_index(&self) -> &ReduceIndex {
+        &self.reduce
+    }
+
+    /// Replaces the dedupe index (loading a snapshot).
+    pub(crate) fn set_reduce_index(&mut self, index: ReduceIndex) {
+        self.reduce = index;
+    }
+
+    /// The policy of a reduced file (`None` for a file stored plainly).
+    pub fn reduce_policy(&self, ino: Ino) -> Result<Option<ReducePolicy>, Errno> {
+        let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+        match inode.body {
+            Body::Reduced { .. } => Ok(Some(policy_of(inode).ok_or(Errno::EIO)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The views of a reduced file reaching into `[from, to)`, in order,
+    /// each with its offset.
+    pub fn views(&self, ino: Ino, from: u64, to: u64) -> Result<Vec<(u64, View)>, Errno> {
+        match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
+            Body::Reduced { views } => {
+                let first = views.range(..=from).next_back().map_or(from, |(&k, _)| k);
+                Ok(views
+                    .range(first..to.max(first))
+                    .filter(|&(&k, v)| k + u64::from(v.len) > from)
+                    .map(|(&k, &v)| (k, v))
+                    .collect())
+            }
+            Body::Dir { .. } => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Every view of every reduced file, with the file.
+    pub fn all_views(&self) -> impl Iterator<Item = (Ino, u64, &View)> + '_ {
+        self.inodes
+            .iter()
+            .flat_map(|(&ino, i)| match &i.body {
+                Body::Reduced { views } => Some(views.iter().map(move |(&k, v)| (ino, k, v))),
+                _ => None,
+            })
+            .flatten()
     }
 
     /// A file's extents holding any of its pages from `page` on, in order,
     /// each as its first page and its run (holes are missing).
     pub fn extents(&self, ino: Ino, page: u64) -> Result<impl Iterator<Item = (u64, ChunkRef)> + '_, Errno> {
         let up = self.unit_pages();
-        match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
-            Body::File { chunks } => {
-                // The extent starting before `page` may reach into it.
-                let first = chunks
-                    .range(..page / up + 1)
-                    .next_back()
-                    .filter(|&(&k, c)| k * up + u64::from(c.pages) > page)
-                    .map_or(page.div_ceil(up), |(&k, _)| k);
-                Ok(chunks.range(first..).map(move |(&k, &c)| (k * up, c)))
-            }
-            Body::Dir { .. } => Err(Errno::EISDIR),
-            _ => Err(Errno::EINVAL),
-        }
+        let chunks = match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
+            Body::File { chunks } => chunks,
+            // A reduced file has no extents: its data is in views.
+            Body::Reduced { .. } => &NO_EXTENTS,
+            Body::Dir { .. } => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EINVAL),
+        };
+        // The extent starting before `page` may reach into it.
+        let first = chunks
+            .range(..page / up + 1)
+            .next_back()
+            .filter(|&(&k, c)| k * up + u64::from(c.pages) > page)
+            .map_or(page.div_ceil(up), |(&k, _)| k);
+        Ok(chunks.range(first..).map(move |(&k, &c)| (k * up, c)))
     }
 
     /// Checks the structure: every entry names a live inode, every inode's
@@ -255,9 +328,20 @@ impl MetaState {
                         pages += u64::from(c.pages);
                     }
                 }
+                Body::Reduced { views } => {
+                    let mut next = 0;
+                    for (&k, v) in views {
+                        if k < next || k + u64::from(v.len) > inode.attr.size {
+                            return Err(format!("file {ino}: view at {k} overlaps another or lies past the end"));
+                        }
+                        next = k + u64::from(v.len);
+                    }
+                }
                 _ => {}
             }
         }
+        pages += self.reduce.runs().map(|r| u64::from(r.pages)).sum::<u64>();
+        self.reduce.check(self.all_views().map(|(_, _, v)| v))?;
         for (&ino, inode) in &self.inodes {
             let named = links.get(&ino).copied().unwrap_or(0);
             let want = match inode.attr.kind {
@@ -334,7 +418,13 @@ impl MetaState {
             Cmd::RemoveXattr { ino, name, now } => {
                 let inode = self.inodes.get_mut(ino).ok_or(Errno::ENOENT)?;
                 check_xattr_name(name)?;
-                inode.xattrs.remove(name.as_slice()).ok_or(Errno::ENODATA)?;
+                if !inode.xattrs.contains_key(name.as_slice()) {
+                    return Err(Errno::ENODATA);
+                }
+                if name == POLICY_XATTR {
+                    set_layout(inode, false)?;
+                }
+                inode.xattrs.remove(name.as_slice());
                 inode.attr.ctime = *now;
                 Ok(Reply::Done)
             }
@@ -350,12 +440,61 @@ impl MetaState {
                     if self.orphans.remove(ino) {
                         let inode = self.inodes.remove(ino).expect("orphans are inodes");
                         self.usage.inodes -= 1;
-                        if let Body::File { chunks } = inode.body {
-                            self.usage.data_pages -= pages(chunks.values());
-                            freed.extend(chunks.into_values());
+                        match inode.body {
+                            Body::File { chunks } => {
+                                self.usage.data_pages -= pages(chunks.values());
+                                freed.extend(chunks.into_values());
+                            }
+                            Body::Reduced { views } => {
+                                let gone = self.reduce.release(views.into_values().collect());
+                                self.usage.data_pages -= pages(&gone);
+                                freed.extend(gone);
+                            }
+                            _ => {}
                         }
                     }
                 }
+                Ok(Reply::Freed(freed))
+            }
+            Cmd::ReduceWrite { ino, from, to, views, segments, end, now } => {
+                if from > to {
+                    return Err(Errno::EINVAL);
+                }
+                if *end > FILE_SIZE_MAX {
+                    return Err(Errno::EFBIG);
+                }
+                let inode = self.inodes.get_mut(ino).ok_or(Errno::ENOENT)?;
+                let Body::Reduced { views: map } = &mut inode.body else {
+                    return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
+                };
+                self.reduce.check_write(*from, *to, views, segments)?;
+                let freed = self.reduce.write(map, *from, *to, views, segments);
+                self.usage.data_pages += pages(segments.iter().map(|(run, _)| run));
+                self.usage.data_pages -= pages(&freed);
+                let a = &mut inode.attr;
+                a.size = a.size.max(*end);
+                a.mtime = *now;
+                a.ctime = *now;
+                Ok(Reply::Attr(a.clone(), freed))
+            }
+            Cmd::ReduceMove { segment, moves } => {
+                let bytes = u64::from(segment.pages) * PAGE;
+                if segment.pages == 0
+                    || moves.iter().any(|&(h, _, off)| {
+                        self.reduce.get(&h).is_some_and(|c| u64::from(off) + u64::from(c.len) > bytes)
+                    })
+                {
+                    return Err(Errno::EINVAL);
+                }
+                let freed = self.reduce.relocate(*segment, moves);
+                self.usage.data_pages += u64::from(segment.pages);
+                self.usage.data_pages -= pages(&freed);
+                Ok(Reply::Freed(freed))
+            }
+            Cmd::ReduceRepair { refs, logical } => {
+                let freed = self.reduce.set_refs(refs);
+                self.reduce.set_logical(*logical);
+                self.usage.data_pages -= pages(&freed);
                 Ok(Reply::Freed(freed))
             }
         }
@@ -453,7 +592,15 @@ impl MetaState {
         if kind == FileKind::Dir && self.inodes[&parent].attr.nlink >= LINK_MAX {
             return Err(Errno::EMLINK);
         }
+        let policy = self.inodes[&parent].xattrs.get(POLICY_XATTR).cloned();
+        let body = match body {
+            Body::File { .. } if policy.is_some() => Body::Reduced { views: BTreeMap::new() },
+            b => b,
+        };
         let ino = self.new_inode(kind, perm, rdev, by, body);
+        if let Some(p) = policy.filter(|_| matches!(kind, FileKind::File | FileKind::Dir)) {
+            self.inode_mut(ino).xattrs.insert(POLICY_XATTR.to_vec(), p);
+        }
         if kind == FileKind::Dir {
             self.inode_mut(ino).attr.nlink = 2;
             self.inode_mut(parent).attr.nlink += 1;
@@ -703,7 +850,23 @@ impl MetaState {
         if set.tail.is_some() && set.size.is_none() {
             return Err(Errno::EINVAL);
         }
-        if let Some(size) = set.size {
+        if let (Some(size), Body::Reduced { views }) = (set.size, &mut inode.body) {
+            if size > FILE_SIZE_MAX {
+                return Err(Errno::EFBIG);
+            }
+            if set.tail.is_some() {
+                return Err(Errno::EINVAL);
+            }
+            // Views past the new end go, the one across it is cut: nothing
+            // is rewritten, and bytes past the end are never read.
+            let dropped = self.reduce.unmap(views, size, u64::MAX);
+            freed = self.reduce.release(dropped);
+            self.usage.data_pages -= pages(&freed);
+            if size != inode.attr.size && set.mtime.is_none() {
+                inode.attr.mtime = now;
+            }
+            inode.attr.size = size;
+        } else if let Some(size) = set.size {
             let Body::File { chunks } = &mut inode.body else {
                 return Err(if inode.attr.kind == FileKind::Dir { Errno::EISDIR } else { Errno::EINVAL });
             };
@@ -763,7 +926,16 @@ impl MetaState {
             XattrMode::Replace if !exists => return Err(Errno::ENODATA),
             _ => {}
         }
-        inode.xattrs.insert(name.to_vec(), value.to_vec());
+        let mut value = value.to_vec();
+        if name == POLICY_XATTR {
+            let policy: ReducePolicy =
+                std::str::from_utf8(&value).ok().and_then(|t| t.trim().parse().ok()).ok_or(Errno::EINVAL)?;
+            value = policy.to_string().into_bytes();
+            if inode.xattrs.get(name) != Some(&value) {
+                set_layout(inode, true)?;
+            }
+        }
+        inode.xattrs.insert(name.to_vec(), value);
         inode.attr.ctime = now;
         Ok(Reply::Done)
     }
@@ -861,6 +1033,35 @@ impl Body {
     }
 }
 
+/// The policy an inode's xattr names.
+fn policy_of(inode: &Inode) -> Option<ReducePolicy> {
+    std::str::from_utf8(inode.xattrs.get(POLICY_XATTR)?).ok()?.parse().ok()
+}
+
+/// Makes a regular file reduced or plain as its policy xattr is set or
+/// removed: only while it holds no data (EBUSY otherwise; a file's layout
+/// is chosen when it is created, by its directory's policy). Directories
+/// only pass the policy on; other kinds take none (EINVAL).
+fn set_layout(inode: &mut Inode, reduced: bool) -> Result<(), Errno> {
+    match &inode.body {
+        Body::Dir { .. } => Ok(()),
+        Body::File { chunks } if chunks.is_empty() && inode.attr.size == 0 => {
+            if reduced {
+                inode.body = Body::Reduced { views: BTreeMap::new() };
+            }
+            Ok(())
+        }
+        Body::Reduced { views } if views.is_empty() && inode.attr.size == 0 => {
+            if !reduced {
+                inode.body = Body::File { chunks: BTreeMap::new() };
+            }
+            Ok(())
+        }
+        Body::File { .. } | Body::Reduced { .. } => Err(Errno::EBUSY),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
 fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
@@ -883,6 +1084,8 @@ fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
     }
     const KEPT: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
     const ACLS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
-    let kept = KEPT.iter().any(|ns| name.len() > ns.len() && name.starts_with(ns)) || ACLS.contains(&name);
+    let kept = KEPT.iter().any(|ns| name.len() > ns.len() && name.starts_with(ns))
+        || ACLS.contains(&name)
+        || name == POLICY_XATTR;
     if kept { Ok(()) } else { Err(Errno::EOPNOTSUPP) }
 }

@@ -162,6 +162,11 @@ impl FileKind {
 pub struct Time(pub i64);
 
 impl Time {
+    /// The current time (of this host's clock).
+    pub fn now() -> Time {
+        Time::from(std::time::SystemTime::now())
+    }
+
     /// Seconds and nanoseconds, as `struct timespec` has them.
     pub fn split(self) -> (i64, u32) {
         (self.0.div_euclid(1_000_000_000), self.0.rem_euclid(1_000_000_000) as u32)
@@ -230,6 +235,15 @@ impl ChunkRef {
     pub fn sub(self, skip: u64, pages: u64) -> ChunkRef {
         debug_assert!(skip + pages <= u64::from(self.pages), "{pages} pages from {skip} of {self:?}");
         ChunkRef { page: self.page + skip, pages: pages as u32, ..self }
+    }
+}
+
+impl From<std::time::SystemTime> for Time {
+    fn from(t: std::time::SystemTime) -> Time {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Time(d.as_nanos().min(i64::MAX as u128) as i64),
+            Err(e) => Time(-(e.duration().as_nanos().min(i64::MAX as u128) as i64)),
+        }
     }
 }
 

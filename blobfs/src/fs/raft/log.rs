@@ -399,7 +399,12 @@ impl Writer {
         s.sync_blob(root).await?;
         let handle = s.open_blob(new).await?;
         let blob = handle.shared().clone();
-        if let Err(e) = async { write_pages(&s, &blob, 0, &bytes).await?; flush(&s, &blob).await }.await {
+        if let Err(e) = async {
+            write_pages(&s, &blob, 0, &bytes).await?;
+            flush(&s, &blob).await
+        }
+        .await
+        {
             // Not the log: gone now, or at the next open if this fails too.
             if handle.close().await.is_ok() && s.delete_blob(new).await.is_ok() {
                 let _ = s.remove_xattr(root, super::LOG_DISCARD_XATTR).await;

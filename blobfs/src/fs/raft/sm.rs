@@ -2,7 +2,9 @@
 //! shared with readers, and its snapshots in blobs.
 //!
 //! A snapshot is the postcard encoding of a `Snap` (last applied log id,
-//! membership, the state) written to a new blob; the root blob's xattr
+//! membership, the state), followed by that of the state's dedupe index
+//! (absent from snapshots made before it existed, which load with an empty
+//! one), written to a new blob; the root blob's xattr
 //! `claudefs.fs.snapshot` then names it and the old one is deleted. A
 //! snapshot is durable once that xattr's blob sync is, so a crash while one
 //! is taken leaves the previous one in place (and at worst a leaked blob,
@@ -51,6 +53,15 @@ struct Applied {
     current: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
 }
 
+/// A snapshot's `Snap` and the dedupe index after it, if any.
+fn decode(bytes: &[u8]) -> std::result::Result<Snap, postcard::Error> {
+    let (mut snap, rest): (Snap, _) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        snap.state.set_reduce_index(postcard::from_bytes(rest)?);
+    }
+    Ok(snap)
+}
+
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write_snapshot(None, &e).into()
 }
@@ -63,7 +74,7 @@ impl StateMachine {
         let (applied, state) = match xattr_u64(&xattrs, SNAPSHOT_XATTR)? {
             Some(blob) => {
                 let bytes = read_blob(&store, blob).await?;
-                let snap: Snap = postcard::from_bytes(&bytes).map_err(|e| crate::BlobError::Corrupt {
+                let snap = decode(&bytes).map_err(|e| crate::BlobError::Corrupt {
                     location: format!("metadata snapshot blob {blob}"),
                     reason: format!("does not decode: {e}"),
                 })?;
@@ -142,7 +153,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             membership: inner.membership.clone(),
             state: self.state.read().unwrap_or_else(|p| p.into_inner()).clone(),
         };
-        let bytes = postcard::to_stdvec(&snap).map_err(io_err)?;
+        let mut bytes = postcard::to_stdvec(&snap).map_err(io_err)?;
+        bytes = postcard::to_extend(snap.state.reduce_index(), bytes).map_err(io_err)?;
         let blob = self.persist(&bytes).await.map_err(io_err)?;
         let meta = SnapshotMeta {
             last_log_id: inner.last_applied,
@@ -198,7 +210,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let bytes = snapshot.into_inner();
-        let snap: Snap = postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let snap = decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         self.persist(&bytes).await.map_err(io_err)?;
         let mut inner = self.inner.lock().await;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = snap.state;
