@@ -16,7 +16,7 @@ use super::files::FileSystem;
 use super::reduced::{NewFrame, ReduceTotals, View};
 use super::{Attr, ChunkRef, Cmd, Errno, Ino, Time};
 use crate::format::PAGE_SIZE;
-use crate::reduce::{ChunkHash, EncodedChunk, FrameHeader, ReducePolicy, ScopeKeys, decode_all_threads};
+use crate::reduce::{ChunkHash, FrameHeader, ReduceError, ReducePolicy, ScopeKeys, decode_all_threads};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -263,57 +263,72 @@ impl FileSystem {
         let mut buf = vec![0; (to - from) as usize];
         self.read_reduced(ino, from, &mut buf).await?;
         buf[(offset - from) as usize..][..data.len()].copy_from_slice(data);
-        let chunks = self.encode(policy, buf).await?;
-        self.store_chunks(ino, from, to, chunks, end, now).await
+        self.store_chunks(ino, from, policy, buf, end, now).await
     }
 
-    /// Chunks and encodes `buf` with `policy`.
-    async fn encode(&self, policy: ReducePolicy, buf: Vec<u8>) -> Result<Vec<EncodedChunk>, Errno> {
-        let keys = self.reduction.keys.clone();
-        let parallel = buf.len() >= PARALLEL_FROM;
-        let encode = move || {
-            let threads = if parallel { crate::reduce::default_threads() } else { 1 };
-            crate::reduce::encode_all_threads(&policy, &keys, &buf, threads)
-        };
-        let encoded =
-            if parallel { tokio::task::spawn_blocking(encode).await.map_err(|_| Errno::EIO)? } else { encode() };
-        encoded.map_err(|e| {
-            tracing::error!("encoding file data: {e}");
-            Errno::EIO
-        })
+    /// Runs CPU work on the calling task, or, for `parallel` work (large
+    /// buffers, spread over every core), on a blocking thread.
+    async fn cpu<T: Send + 'static>(parallel: bool, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Errno> {
+        if parallel { tokio::task::spawn_blocking(work).await.map_err(|_| Errno::EIO) } else { Ok(work()) }
     }
 
-    /// Stores the frames of `chunks` the index does not hold, in segments,
-    /// and maps the chunks over `[from, to)`. A chunk the index held when
-    /// this began but lost before the command applied makes it store
-    /// every frame and try again.
+    /// Chunks `buf` (file bytes from `from` on) with `policy`, stores the
+    /// frames of chunks the index does not hold, in segments, and maps the
+    /// chunks over the buffer's range. Chunks are hashed first and only
+    /// those the index lacks are compressed and encrypted. A chunk the
+    /// index held when this began but lost before the command applied makes
+    /// it store every frame and try again.
     async fn store_chunks(
         &self,
         ino: Ino,
         from: u64,
-        to: u64,
-        chunks: Vec<EncodedChunk>,
+        policy: ReducePolicy,
+        buf: Vec<u8>,
         end: u64,
         now: Time,
     ) -> Result<Attr, Errno> {
-        let views: Vec<(u64, View)> = chunks
+        let to = from + buf.len() as u64;
+        let buf = Arc::new(buf);
+        let keys = self.reduction.keys.clone();
+        let parallel = buf.len() >= PARALLEL_FROM;
+        let cuts = {
+            let (buf, keys) = (buf.clone(), keys.clone());
+            Self::cpu(parallel, move || {
+                let chunker = policy.chunking.chunker()?;
+                chunker
+                    .chunks(&buf)
+                    .map(|r| keys.hash(policy.encrypt, &buf[r.clone()]).map(|h| (r, h)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+            .map_err(encode_err)?
+        };
+        let views: Vec<(u64, View)> = cuts
             .iter()
-            .map(|c| (from + c.range.start as u64, View { hash: c.hash, skip: 0, len: c.range.len() as u32 }))
+            .map(|(r, h)| (from + r.start as u64, View { hash: *h, skip: 0, len: r.len() as u32 }))
             .collect();
+        let mut frames: BTreeMap<ChunkHash, Vec<u8>> = BTreeMap::new();
         for dedupe in [true, false] {
             let stored: BTreeSet<ChunkHash> = if dedupe {
-                self.meta
-                    .read(|s| chunks.iter().map(|c| c.hash).filter(|h| s.reduce_index().get(h).is_some()).collect())
+                self.meta.read(|s| cuts.iter().map(|c| c.1).filter(|h| s.reduce_index().get(h).is_some()).collect())
             } else {
                 BTreeSet::new()
             };
+            // The chunks to store, each once, in file order.
             let mut seen = stored;
-            let frames: Vec<(ChunkHash, &[u8], u32)> = chunks
-                .iter()
-                .filter(|c| seen.insert(c.hash))
-                .map(|c| (c.hash, c.frame.as_slice(), c.range.len() as u32))
-                .collect();
-            let segments = self.write_segments(&frames).await?;
+            let wanted: Vec<(std::ops::Range<usize>, ChunkHash)> =
+                cuts.iter().filter(|(_, h)| seen.insert(*h)).cloned().collect();
+            let missing: Vec<(std::ops::Range<usize>, ChunkHash)> =
+                wanted.iter().filter(|(_, h)| !frames.contains_key(h)).cloned().collect();
+            let bytes: usize = missing.iter().map(|(r, _)| r.len()).sum();
+            let (b, k) = (buf.clone(), keys.clone());
+            let encoded = Self::cpu(bytes >= PARALLEL_FROM, move || encode_chunks(&policy, &k, &b, &missing))
+                .await?
+                .map_err(encode_err)?;
+            frames.extend(encoded);
+            let list: Vec<(ChunkHash, &[u8], u32)> =
+                wanted.iter().map(|(r, h)| (*h, frames[h].as_slice(), r.len() as u32)).collect();
+            let segments = self.write_segments(&list).await?;
             let runs: Vec<ChunkRef> = segments.iter().map(|(r, _)| *r).collect();
             let cmd = Cmd::ReduceWrite { ino, from, to, views: views.clone(), segments, end, now };
             match self.apply(cmd).await {
@@ -629,6 +644,45 @@ fn gc_candidates(index: &super::reduced::ReduceIndex) -> Vec<(u64, u64)> {
         .collect();
     c.sort_by(|a, b| (a.1 * b.2).cmp(&(b.1 * a.2)).then(a.0.cmp(&b.0)));
     c.into_iter().map(|(id, live, _)| (id, live)).collect()
+}
+
+/// Encodes the chunks `ranges` of `buf` (hash known), on every core when
+/// there are many bytes; their frames by hash.
+fn encode_chunks(
+    policy: &ReducePolicy,
+    keys: &ScopeKeys,
+    buf: &[u8],
+    chunks: &[(std::ops::Range<usize>, ChunkHash)],
+) -> Result<Vec<(ChunkHash, Vec<u8>)>, ReduceError> {
+    let bytes: usize = chunks.iter().map(|(r, _)| r.len()).sum();
+    let threads = if bytes >= PARALLEL_FROM { crate::reduce::default_threads().min(chunks.len()).max(1) } else { 1 };
+    let encode = |part: &[(std::ops::Range<usize>, ChunkHash)]| {
+        part.iter()
+            .map(|(r, h)| {
+                crate::reduce::encode_chunk(policy, keys, &buf[r.clone()]).map(|(hash, f)| {
+                    debug_assert_eq!(hash, *h);
+                    (hash, f)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if threads == 1 {
+        return encode(chunks);
+    }
+    let per = chunks.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = chunks.chunks(per).map(|part| s.spawn(move || encode(part))).collect();
+        let mut out = Vec::with_capacity(chunks.len());
+        for p in parts {
+            out.extend(p.join().expect("an encoding worker panicked")?);
+        }
+        Ok(out)
+    })
+}
+
+fn encode_err(e: ReduceError) -> Errno {
+    tracing::error!("encoding file data: {e}");
+    Errno::EIO
 }
 
 impl std::fmt::Display for AuditReport {
