@@ -640,6 +640,16 @@ fn identical_data_is_stored_once_and_files_stay_independent() {
     assert_eq!(s.totals.logical_bytes, 1 << 20);
     assert!(s.totals.segment_bytes < held, "nothing came back: {held} then {s:?}");
     fx.audit_clean("after the delete");
+    // The state with its index survives the snapshot encoding (and is the
+    // seed of the `meta_state` fuzz target).
+    let state = fx.fs.meta().read(|s| s.clone());
+    let bytes = blobfs::fs::raft::encode_state(&state);
+    assert_eq!(blobfs::fs::raft::decode_state(&bytes).unwrap(), state);
+    if std::env::var_os("BLOBFS_WRITE_FUZZ_SEEDS").is_some() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/meta_state");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("reduced_files"), &bytes).unwrap();
+    }
 }
 
 /// A flipped byte in a stored frame: reading the file says EIO (never other

@@ -93,7 +93,7 @@ class Up:
 def one(bin_, src, copies, reduced, digest):
     work = tempfile.mkdtemp(prefix="cfs-reduce-bench-", dir="/var/tmp")
     size = os.path.getsize(src)
-    up = Up(bin_, work, max(2, (size * (copies + 1)) // (1 << 30) + 2))
+    up = Up(bin_, work, -(-copies * size // (1 << 30)) + 1)
     try:
         d = os.path.join(up.mnt, "d")
         os.mkdir(d)

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::files::FileSystem;
 use super::reduced::{NewFrame, ReduceTotals, View};
-use super::{Attr, ChunkRef, Cmd, Errno, Ino, Time};
+use super::{Attr, ChunkRef, Cmd, Errno, Ino, Reply, Time};
 use crate::format::PAGE_SIZE;
 use crate::reduce::{ChunkHash, FrameHeader, ReduceError, ReducePolicy, ScopeKeys, decode_all_threads};
 
@@ -350,45 +350,31 @@ impl FileSystem {
         &self,
         frames: &[(ChunkHash, &[u8], u32)],
     ) -> Result<Vec<(ChunkRef, Vec<NewFrame>)>, Errno> {
-        let mut groups: Vec<(usize, Vec<NewFrame>)> = Vec::new();
-        let mut i = 0;
-        for &(hash, frame, raw) in frames {
-            let fits = groups.last().is_some_and(|(bytes, _)| bytes + frame.len() <= SEGMENT_SIZE);
-            if !fits {
-                groups.push((0, Vec::new()));
+        // Groups of consecutive frames, each at most a segment's worth; a
+        // group that finds no free run that long is split in two (a
+        // fragmented pool still takes the write, in smaller segments).
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut bytes = 0;
+        for (i, (_, frame, _)) in frames.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if bytes + frame.len() <= SEGMENT_SIZE => g.end = i + 1,
+                _ => {
+                    groups.push(i..i + 1);
+                    bytes = 0;
+                }
             }
-            let (bytes, list) = groups.last_mut().expect("just pushed");
-            list.push(NewFrame { hash, offset: *bytes as u32, len: frame.len() as u32, raw });
-            *bytes += frame.len();
-            i += 1;
+            bytes += frame.len();
         }
-        debug_assert_eq!(i, frames.len());
+        groups.reverse();
         let mut written: Vec<(ChunkRef, Vec<NewFrame>)> = Vec::new();
-        let mut next = frames.iter();
-        for (bytes, list) in groups {
-            let pages = (bytes as u64).div_ceil(PAGE);
-            let result = async {
-                let [run] = self.alloc_pages(pages, pages).await?[..] else {
-                    unreachable!("a run of one unit is one run")
-                };
-                let mut buf = pmd::DmaBuf::new(pages as usize * PAGE_SIZE).map_err(|e| {
-                    tracing::error!("no DMA memory for a segment of {pages} pages: {e}");
-                    Errno::EIO
-                })?;
-                for f in &list {
-                    let (_, frame, _) = next.next().expect("one frame per entry");
-                    buf[f.offset as usize..][..frame.len()].copy_from_slice(frame);
+        while let Some(group) = groups.pop() {
+            match self.write_segment(&frames[group.clone()]).await {
+                Ok(seg) => written.push(seg),
+                Err(Errno::ENOSPC) if group.len() > 1 => {
+                    let mid = group.start + group.len() / 2;
+                    groups.push(mid..group.end);
+                    groups.push(group.start..mid);
                 }
-                buf[bytes..].fill(0);
-                if let Err(e) = self.data.write(run, buf).await {
-                    self.data.free([run]);
-                    return Err(e);
-                }
-                Ok(run)
-            }
-            .await;
-            match result {
-                Ok(run) => written.push((run, list)),
                 Err(e) => {
                     self.data.free(written.into_iter().map(|(r, _)| r));
                     return Err(e);
@@ -396,6 +382,35 @@ impl FileSystem {
             }
         }
         Ok(written)
+    }
+
+    /// Packs `frames` back to back into one new run and writes it.
+    async fn write_segment(&self, frames: &[(ChunkHash, &[u8], u32)]) -> Result<(ChunkRef, Vec<NewFrame>), Errno> {
+        let mut list = Vec::with_capacity(frames.len());
+        let mut bytes = 0;
+        for &(hash, frame, raw) in frames {
+            list.push(NewFrame { hash, offset: bytes as u32, len: frame.len() as u32, raw });
+            bytes += frame.len();
+        }
+        let pages = (bytes as u64).div_ceil(PAGE);
+        let [run] = self.alloc_pages(pages, pages).await?[..] else { unreachable!("a run of one unit is one run") };
+        let mut buf = match pmd::DmaBuf::new(pages as usize * PAGE_SIZE) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("no DMA memory for a segment of {pages} pages: {e}");
+                self.data.free([run]);
+                return Err(Errno::EIO);
+            }
+        };
+        for (f, (_, frame, _)) in list.iter().zip(frames) {
+            buf[f.offset as usize..][..frame.len()].copy_from_slice(frame);
+        }
+        buf[bytes..].fill(0);
+        if let Err(e) = self.data.write(run, buf).await {
+            self.data.free([run]);
+            return Err(e);
+        }
+        Ok((run, list))
     }
 
     /// Zeroes `[offset, end)` of a reduced file (fallocate's punch-hole and
@@ -480,20 +495,22 @@ impl FileSystem {
         if list.is_empty() {
             return Ok(Some(pass));
         }
-        let [(run, placed)] = &self.write_segments(&list).await?[..] else {
-            unreachable!("one segment's worth of frames fits one segment")
-        };
-        let moves = placed.iter().zip(&copied).map(|(f, (h, old, _, _))| (*h, *old, f.offset)).collect();
-        let before = self.meta.read(|s| s.reduce_index().segments().count());
-        match self.apply(Cmd::ReduceMove { segment: *run, moves }).await {
-            Ok(_) => {}
-            Err(e) => {
-                self.data.free([*run]);
-                return Err(e);
+        let segments = self.write_segments(&list).await?;
+        // One move per new segment (one, unless the pool was too fragmented
+        // for a run of their size); the frames are in order across them.
+        let mut copied = copied.iter();
+        let mut segments = segments.into_iter();
+        while let Some((run, placed)) = segments.next() {
+            let moves = placed.iter().zip(copied.by_ref()).map(|(f, (h, old, _, _))| (*h, *old, f.offset)).collect();
+            match self.apply(Cmd::ReduceMove { segment: run, moves }).await {
+                Ok(Reply::Freed(runs)) => pass.segments_freed += runs.iter().filter(|&&r| r != run).count() as u64,
+                Ok(_) => {}
+                Err(e) => {
+                    self.data.free(std::iter::once(run).chain(segments.map(|(r, _)| r)));
+                    return Err(e);
+                }
             }
         }
-        let after = self.meta.read(|s| s.reduce_index().segments().count());
-        pass.segments_freed = (before + 1).saturating_sub(after) as u64;
         let gc = &self.reduction.gc;
         gc.passes.fetch_add(1, Ordering::Relaxed);
         gc.bytes_moved.fetch_add(pass.bytes, Ordering::Relaxed);

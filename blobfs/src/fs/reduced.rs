@@ -356,7 +356,7 @@ impl ReduceIndex {
             let Some(c) = self.chunks.get(&v.hash) else {
                 return Err(format!("a view names chunk {}, which is not stored", v.hash));
             };
-            if v.len == 0 || v.skip + v.len > c.raw {
+            if v.len == 0 || u64::from(v.skip) + u64::from(v.len) > u64::from(c.raw) {
                 return Err(format!("a view of chunk {} ({}+{}) is empty or exceeds it", v.hash, v.skip, v.len));
             }
             *refs.entry(v.hash).or_default() += 1;
@@ -390,7 +390,7 @@ impl ReduceIndex {
                 ));
             }
             spans.sort_unstable();
-            if spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            if spans.windows(2).any(|w| u64::from(w[0].0) + u64::from(w[0].1) > u64::from(w[1].0)) {
                 return Err(format!("segment {id}: frames overlap"));
             }
         }

@@ -287,6 +287,9 @@ impl MetaState {
     /// without links are exactly the orphans, nothing is unreachable, and
     /// the usage counts add up. Returns the first discrepancy, described.
     pub fn check(&self) -> Result<(), String> {
+        if !matches!(self.inodes.get(&ROOT).map(|i| &i.body), Some(Body::Dir { .. })) {
+            return Err("the root is missing or not a directory".into());
+        }
         let mut links: BTreeMap<Ino, u32> = BTreeMap::new();
         let mut pages = 0;
         for (&ino, inode) in &self.inodes {
@@ -318,20 +321,21 @@ impl MetaState {
                     let up = self.unit_pages();
                     let mut next = 0;
                     for (&k, c) in chunks {
-                        if k * up < next || c.pages == 0 {
+                        let start = k.checked_mul(up).filter(|&s| s >= next && c.pages > 0);
+                        let Some(end) = start.and_then(|s| s.checked_add(u64::from(c.pages))) else {
                             return Err(format!(
-                                "file {ino}: extent at unit {k} ({} pages) overlaps or is empty",
+                                "file {ino}: extent at unit {k} ({} pages) overlaps, is empty or lies past the end",
                                 c.pages
                             ));
-                        }
-                        next = k * up + u64::from(c.pages);
+                        };
+                        next = end;
                         pages += u64::from(c.pages);
                     }
                 }
                 Body::Reduced { views } => {
                     let mut next = 0;
                     for (&k, v) in views {
-                        if k < next || k + u64::from(v.len) > inode.attr.size {
+                        if k < next || k.saturating_add(u64::from(v.len)) > inode.attr.size {
                             return Err(format!("file {ino}: view at {k} overlaps another or lies past the end"));
                         }
                         next = k + u64::from(v.len);

@@ -22,7 +22,7 @@ use openraft::raft::{
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 
 pub use log::{Durability, LogStore};
-pub use sm::StateMachine;
+pub use sm::{StateMachine, decode_state, encode_state};
 
 use super::{Cmd, Errno, MetaState, Reply, Time};
 use crate::{BlobError, BlobOptions, Blobstore};

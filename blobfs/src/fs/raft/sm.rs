@@ -53,6 +53,23 @@ struct Applied {
     current: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
 }
 
+/// The state alone as a snapshot holds it: the state, then its dedupe
+/// index (for tests and the fuzz target of the decoder).
+pub fn encode_state(state: &MetaState) -> Vec<u8> {
+    let bytes = postcard::to_stdvec(state).expect("a state encodes");
+    postcard::to_extend(state.reduce_index(), bytes).expect("an index encodes")
+}
+
+/// Decodes what [`encode_state`] made (untrusted bytes: any error, never a
+/// panic).
+pub fn decode_state(bytes: &[u8]) -> std::result::Result<MetaState, postcard::Error> {
+    let (mut state, rest): (MetaState, _) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        state.set_reduce_index(postcard::from_bytes(rest)?);
+    }
+    Ok(state)
+}
+
 /// A snapshot's `Snap` and the dedupe index after it, if any.
 fn decode(bytes: &[u8]) -> std::result::Result<Snap, postcard::Error> {
     let (mut snap, rest): (Snap, _) = postcard::take_from_bytes(bytes)?;
