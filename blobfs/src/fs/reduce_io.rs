@@ -701,21 +701,3 @@ fn encode_err(e: ReduceError) -> Errno {
     tracing::error!("encoding file data: {e}");
     Errno::EIO
 }
-
-impl std::fmt::Display for AuditReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} files, {} views, {} chunks in {} segments, {} frames checked; {} count mismatches, {} missing, {} corrupt{}",
-            self.files,
-            self.views,
-            self.chunks,
-            self.segments,
-            self.frames_checked,
-            self.refcount_mismatches.len(),
-            self.missing_chunks.len(),
-            self.corrupt_chunks.len(),
-            self.structure.as_deref().map(|s| format!("; structure: {s}")).unwrap_or_default()
-        )
-    }
-}
