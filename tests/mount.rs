@@ -27,7 +27,7 @@ struct Up {
     child: Child,
     socket: PathBuf,
     mount: PathBuf,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log: common::Captured,
 }
 
 impl Up {
@@ -41,8 +41,7 @@ impl Up {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(format!("exited with {status}: {}", self.log()));
+                return Err(format!("exited with {status}: {}", self.log.all()));
             }
             // The server's own word, not the mount table: a stale mount of a
             // killed server is listed there too.
@@ -67,9 +66,8 @@ impl Up {
             assert!(Instant::now() < deadline, "still running after 30 s: {}", up.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(100));
         up.mount = PathBuf::new(); // not ours to unmount
-        up.log()
+        up.log.all()
     }
 
     fn spawn(dir: &Path, image: &Path, mount: &Path) -> Up {
@@ -102,7 +100,7 @@ impl Up {
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Calls a method on the server's control socket; its result.
@@ -124,9 +122,10 @@ impl Up {
         let out = Command::new(BIN).arg("down").arg("-s").arg(&self.socket).output().unwrap();
         assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "up exited with {status}: {}", self.log());
+        let log = self.log.all();
+        assert!(status.success(), "up exited with {status}: {log}");
         assert!(!mounted(&self.mount), "still mounted after down");
-        assert!(self.log().contains("blobstore unloaded"), "no clean unload: {}", self.log());
+        assert!(log.contains("blobstore unloaded"), "no clean unload: {log}");
     }
 
     /// Stops the server with a signal (Ctrl-C is SIGINT); it must unmount
@@ -135,9 +134,10 @@ impl Up {
         // SAFETY: kill has no memory preconditions; the pid is our child's.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "up exited with {status} on signal {signal}: {}", self.log());
+        let log = self.log.all();
+        assert!(status.success(), "up exited with {status} on signal {signal}: {log}");
         assert!(!mounted(&self.mount), "still mounted after signal {signal}");
-        assert!(self.log().contains("blobstore unloaded"), "no clean unload: {}", self.log());
+        assert!(log.contains("blobstore unloaded"), "no clean unload: {log}");
     }
 
     /// Kills the server with SIGKILL, leaving its mount as a crash would.

@@ -20,7 +20,7 @@ struct Server {
     socket: PathBuf,
     _dir: tempfile::TempDir,
     /// Everything the server wrote to stderr, read by a thread so it never blocks.
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log: common::Captured,
 }
 
 impl Server {
@@ -69,7 +69,7 @@ impl Server {
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     fn stop(mut self) -> Output {
@@ -82,8 +82,7 @@ impl Server {
             assert!(Instant::now() < deadline, "server did not stop");
             std::thread::sleep(Duration::from_millis(20));
         };
-        std::thread::sleep(Duration::from_millis(50));
-        Output { status, stdout: Vec::new(), stderr: self.log().into_bytes() }
+        Output { status, stdout: Vec::new(), stderr: self.log.all().into_bytes() }
     }
 }
 
