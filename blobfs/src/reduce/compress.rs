@@ -86,14 +86,34 @@ pub struct Codec {
     zstd_c: Option<(i32, zstd::bulk::Compressor<'static>)>,
     zstd_d: Option<zstd::bulk::Decompressor<'static>>,
     out: Vec<u8>,
+    /// The sample [`Codec::looks_incompressible`] compresses.
+    sample: Vec<u8>,
 }
+
+/// Chunks at least this long are sampled before they are compressed.
+pub const SAMPLE_FROM: usize = 32 << 10;
+/// The sample: this many slices...
+const SAMPLE_SLICES: usize = 4;
+/// ...of this many bytes, spread evenly over the chunk.
+const SAMPLE_SLICE: usize = 2 << 10;
 
 impl Codec {
     /// Compresses `input` if that makes it shorter: the encoding and the
     /// bytes to store (in the codec's buffer, valid until its next use), or
     /// `(Raw, input)`. Any failure of the compressor (including output that
     /// would not be shorter) stores the chunk raw, which is always correct.
+    ///
+    /// A chunk of [`SAMPLE_FROM`] bytes or more whose sample (four 2 KiB
+    /// slices spread over it) LZ4 cannot shrink by 1/32 is stored raw without
+    /// a full attempt: random, compressed or encrypted data then costs an
+    /// eighth of a 64 KiB chunk's compression instead of all of it (the
+    /// "early abort" ZFS and btrfs make too). The price: a chunk whose only
+    /// redundancy lies in matches farther apart than the slices (a random
+    /// block repeated within the chunk, say) is stored uncompressed.
     pub fn compress<'a>(&'a mut self, compression: Compression, input: &'a [u8]) -> (Encoding, &'a [u8]) {
+        if compression != Compression::None && self.looks_incompressible(input) {
+            return (Encoding::Raw, input);
+        }
         // LZ4 wants room for its worst case before it starts.
         let bound = lz4_flex::block::get_maximum_output_size(input.len());
         if self.out.len() < bound {
@@ -114,6 +134,24 @@ impl Codec {
             Some((encoding, n)) if n < input.len() => (encoding, &self.out[..n]),
             _ => (Encoding::Raw, input),
         }
+    }
+
+    /// Whether LZ4 cannot shrink a sample of a long `input` by 1/32.
+    fn looks_incompressible(&mut self, input: &[u8]) -> bool {
+        if input.len() < SAMPLE_FROM {
+            return false;
+        }
+        self.sample.clear();
+        let step = (input.len() - SAMPLE_SLICE) / (SAMPLE_SLICES - 1);
+        for i in 0..SAMPLE_SLICES {
+            self.sample.extend_from_slice(&input[i * step..i * step + SAMPLE_SLICE]);
+        }
+        let bound = lz4_flex::block::get_maximum_output_size(self.sample.len());
+        if self.out.len() < bound {
+            self.out.resize(bound, 0);
+        }
+        let n = lz4_flex::block::compress_into(&self.sample, &mut self.out).unwrap_or(usize::MAX);
+        n > self.sample.len() - self.sample.len() / 32
     }
 
     fn zstd_compressor<'a>(
@@ -175,6 +213,26 @@ mod tests {
         assert_eq!(roundtrip(Compression::None, &text), Encoding::Raw);
         assert_eq!(roundtrip(Compression::Lz4, b""), Encoding::Raw);
         assert_eq!(roundtrip(Compression::Lz4, b"a"), Encoding::Raw);
+    }
+
+    /// The sample decides for long chunks: random ones are not tried in
+    /// full, one that is half text is still compressed, and a random block
+    /// repeated within a chunk (matches farther apart than the slices) is
+    /// the documented price.
+    #[test]
+    fn long_chunks_are_sampled_before_they_are_compressed() {
+        let mut rng = fastrand::Rng::with_seed(2);
+        let mut codec = Codec::default();
+        let random: Vec<u8> = (0..SAMPLE_FROM * 2).map(|_| rng.u8(..)).collect();
+        assert!(codec.looks_incompressible(&random));
+        let mut half = random.clone();
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(2000);
+        half[SAMPLE_FROM..].copy_from_slice(&text[..SAMPLE_FROM]);
+        assert!(!codec.looks_incompressible(&half));
+        assert_eq!(roundtrip(Compression::Lz4, &half), Encoding::Lz4);
+        let repeated = random[..16 << 10].repeat(4);
+        assert_eq!(roundtrip(Compression::Lz4, &repeated), Encoding::Raw, "the price of sampling");
+        assert_eq!(roundtrip(Compression::Lz4, &repeated[..SAMPLE_FROM - 1]), Encoding::Lz4, "short: tried in full");
     }
 
     #[test]

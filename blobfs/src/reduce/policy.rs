@@ -229,7 +229,9 @@ pub(crate) mod tests {
             (4096u32..=1 << 20).prop_map(|size| Chunking::Fixed { size }),
             (8u32..=18, 64u32..1 << 17, 1u32..1 << 19).prop_map(|(bits, min, extra)| {
                 let avg = 1 << bits;
-                Chunking::FastCdc { min: min % (avg - 64) + 64, avg, max: (avg + extra).clamp(avg + 1, 1 << 20) }
+                // FastCDC's smallest allowed maximum is 1 KiB (CDC_MAX).
+                let max = (avg + extra).clamp((avg + 1).max(crate::reduce::chunking::CDC_MAX.start as u32), 1 << 20);
+                Chunking::FastCdc { min: min % (avg - 64) + 64, avg, max }
             }),
         ];
         let compression = prop_oneof![
