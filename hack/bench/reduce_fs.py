@@ -3,6 +3,7 @@
 
   hack/bench/reduce_fs.py [--reps N] [--size-mib M] [--copies C]
   hack/bench/reduce_fs.py --report      (table from the saved results)
+  hack/bench/reduce_fs.py --gc          (foreground writes during garbage collection)
 
 For each rep, twice on a fresh image (the order alternates between reps):
 `claudefs up` with a master key, a directory with reduction off (no policy)
@@ -14,6 +15,14 @@ from `fs_get_reduce_stats`, the logical and stored bytes; the goal ratios
 (issue 5): reduction about C:1 and throughput with reduction at least 60% of
 the same workload without it, as the median of the per-rep ratios. Every
 copy is read back and compared with the source after the timing.
+
+With --gc: one reduced file system; 40 files of 8 MiB written, then in each
+three of every four 256 KiB ranges overwritten, which leaves segments about
+a quarter live (garbage collection copies those below half). Right after, a
+512 MiB file is written with `dd bs=1M conv=fsync` while the collector works;
+once it has nothing left to do, another. Reported: both MB/s, their ratio,
+and what the collector moved during the first (its limit: 64 MiB/s).
+Results: hack/bench/results/reduce_gc.json.
 
 CLAUDEFS_BIN names a claudefs binary to use as is; without it the script
 runs `cargo build --release --bin claudefs`. Needs root and /dev/fuse.
@@ -129,6 +138,52 @@ def one(bin_, src, copies, reduced, digest):
         settle()
 
 
+def gc_interference(bin_):
+    work = tempfile.mkdtemp(prefix="cfs-reduce-gc-", dir="/var/tmp")
+    up = Up(bin_, work, 3)
+    try:
+        d = os.path.join(up.mnt, "d")
+        os.mkdir(d)
+        os.setxattr(d, "claudefs.reduce", POLICY.encode())
+        piece = 256 << 10
+        for i in range(40):
+            with open(f"{d}/f{i}", "wb") as f:
+                for _ in range(8):
+                    f.write(os.urandom(1 << 20))
+        for i in range(40):
+            fd = os.open(f"{d}/f{i}", os.O_WRONLY)
+            for k in range((8 << 20) // piece):
+                if k % 4 != 0:
+                    os.pwrite(fd, os.urandom(piece), k * piece)
+            os.fsync(fd)
+            os.close(fd)
+        src = "/dev/shm/claudefs-reduce-gc-src"
+        with open(src, "wb") as f:
+            f.write(os.urandom(512 << 20))
+
+        def write(name):
+            before = up.rpc("fs_get_reduce_stats")[0]
+            t = time.monotonic()
+            subprocess.run(["dd", f"if={src}", f"of={d}/{name}", "bs=1M", "conv=fsync", "status=none"], check=True)
+            secs = time.monotonic() - t
+            after = up.rpc("fs_get_reduce_stats")[0]
+            return {"mb_s": (512 << 20) / secs / 1e6, "secs": secs,
+                    "gc_bytes_moved": after["gc_bytes_moved"] - before["gc_bytes_moved"],
+                    "gc_candidates_before": before["gc_candidates"]}
+        during = write("during")
+        deadline = time.time() + 600
+        while up.rpc("fs_get_reduce_stats")[0]["gc_candidates"] > 0 and time.time() < deadline:
+            time.sleep(1)
+        idle = write("idle")
+        os.unlink(src)
+        stats = up.rpc("fs_get_reduce_stats")[0]
+        return {"during_gc": during, "gc_idle": idle, "ratio": during["mb_s"] / idle["mb_s"], "stats": stats}
+    finally:
+        up.down()
+        shutil.rmtree(work, ignore_errors=True)
+        settle()
+
+
 def report(runs):
     by = {False: [r for r in runs if not r["reduced"]], True: [r for r in runs if r["reduced"]]}
     speed = [on["mb_s"] / off["mb_s"] for off, on in zip(by[False], by[True])]
@@ -153,7 +208,17 @@ def main():
     ap.add_argument("--size-mib", type=int, default=100)
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--gc", action="store_true")
     a = ap.parse_args()
+    if a.gc:
+        r = gc_interference(binary())
+        r["date"] = time.strftime("%Y-%m-%d %H:%M")
+        json.dump(r, open(os.path.join(ROOT, "hack/bench/results/reduce_gc.json"), "w"), indent=1)
+        print(f"write during garbage collection: {r['during_gc']['mb_s']:.0f} MB/s "
+              f"(collector moved {r['during_gc']['gc_bytes_moved'] / 2**20:.0f} MiB meanwhile, "
+              f"{r['during_gc']['gc_candidates_before']} segments waiting at the start); "
+              f"collector idle: {r['gc_idle']['mb_s']:.0f} MB/s; ratio {r['ratio']:.2f}")
+        return
     if a.report:
         report(json.load(open(SAVED))["runs"])
         return

@@ -276,6 +276,13 @@ impl DataPool {
         self.store.free_clusters() < self.reserve / 2
     }
 
+    /// Whether the store is down to its metadata reserve: log records
+    /// should then be written as they come, not pile up in memory (a burst
+    /// of queued records could take more than the reserve holds).
+    pub fn metadata_space_tight(&self) -> bool {
+        self.store.free_clusters() < self.reserve
+    }
+
     /// Pages in the pool, and pages free.
     pub fn space(&self) -> (u64, u64) {
         let a = self.lock();
