@@ -16,7 +16,7 @@ from `fs_get_reduce_stats`, the logical and stored bytes; the goal ratios
 the same workload without it, as the median of the per-rep ratios. Every
 copy is read back and compared with the source after the timing.
 
-With --gc: one reduced file system; 40 files of 8 MiB written, then in each
+With --gc: one reduced file system; 64 files of 8 MiB written, then in each
 three of every four 256 KiB ranges overwritten, which leaves segments about
 a quarter live (garbage collection copies those below half). Right after, a
 512 MiB file is written with `dd bs=1M conv=fsync` while the collector works;
@@ -138,6 +138,9 @@ def one(bin_, src, copies, reduced, digest):
         settle()
 
 
+FILES = 64
+
+
 def gc_interference(bin_):
     work = tempfile.mkdtemp(prefix="cfs-reduce-gc-", dir="/var/tmp")
     up = Up(bin_, work, 3)
@@ -146,22 +149,26 @@ def gc_interference(bin_):
         os.mkdir(d)
         os.setxattr(d, "claudefs.reduce", POLICY.encode())
         piece = 256 << 10
-        for i in range(40):
+        for i in range(FILES):
             with open(f"{d}/f{i}", "wb") as f:
                 for _ in range(8):
                     f.write(os.urandom(1 << 20))
-        for i in range(40):
+        # Two sources, so that the second write does not dedupe against the first.
+        srcs = {n: f"/dev/shm/claudefs-reduce-gc-{n}" for n in ("during", "idle")}
+        for path in srcs.values():
+            with open(path, "wb") as f:
+                f.write(os.urandom(512 << 20))
+        junk = os.urandom(piece)
+        for i in range(FILES):
             fd = os.open(f"{d}/f{i}", os.O_WRONLY)
             for k in range((8 << 20) // piece):
                 if k % 4 != 0:
-                    os.pwrite(fd, os.urandom(piece), k * piece)
-            os.fsync(fd)
+                    # Fresh bytes per piece (a repeated piece would dedupe).
+                    os.pwrite(fd, junk[:-16] + os.urandom(16), k * piece)
             os.close(fd)
-        src = "/dev/shm/claudefs-reduce-gc-src"
-        with open(src, "wb") as f:
-            f.write(os.urandom(512 << 20))
 
         def write(name):
+            src = srcs[name]
             before = up.rpc("fs_get_reduce_stats")[0]
             t = time.monotonic()
             subprocess.run(["dd", f"if={src}", f"of={d}/{name}", "bs=1M", "conv=fsync", "status=none"], check=True)
@@ -175,7 +182,8 @@ def gc_interference(bin_):
         while up.rpc("fs_get_reduce_stats")[0]["gc_candidates"] > 0 and time.time() < deadline:
             time.sleep(1)
         idle = write("idle")
-        os.unlink(src)
+        for path in srcs.values():
+            os.unlink(path)
         stats = up.rpc("fs_get_reduce_stats")[0]
         return {"during_gc": during, "gc_idle": idle, "ratio": during["mb_s"] / idle["mb_s"], "stats": stats}
     finally:
