@@ -42,26 +42,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fs import settle as fs_settle  # noqa: E402
+from reduce import binary, log  # noqa: E402
+
 SAVED = os.path.join(ROOT, "hack/bench/results/reduce_fs.json")
 POLICY = "cdc:16k:64k:256k,lz4,enc"
 GOAL_SPEED = 0.60
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def binary():
-    if os.environ.get("CLAUDEFS_BIN"):
-        return os.environ["CLAUDEFS_BIN"]
-    subprocess.run(["cargo", "build", "--release", "--bin", "claudefs"], check=True, cwd=ROOT)
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    return os.path.join(target, "release/claudefs")
-
-
 def settle():
     """Syncs and waits until the disk has been idle for 2 s (fs.py's)."""
-    from fs import settle as fs_settle
     return fs_settle("/var/tmp")
 
 

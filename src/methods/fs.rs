@@ -450,7 +450,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             let a = a.clone();
             async move {
                 let (fs, ino) = at_path(&a, &p.mountpoint, &p.path)?;
-                let reduced = fs.meta().read(|s| s.reduce_policy(ino)).map_err(|e| errno_err(&p.path, e))?.is_some();
+                let reduced = fs.meta().read(|s| s.is_reduced(ino)).map_err(|e| errno_err(&p.path, e))?;
                 Ok(json!({ "policy": policy_of(&fs, ino), "reduced": reduced }))
             }
         },

@@ -58,14 +58,15 @@ impl FileSystem {
     ) -> Result<Self, BlobError> {
         let meta = MetaRaft::open(store, opts).await?;
         let root = store.get_super().await?.expect("MetaRaft::open made a root");
-        let keys = match master_key(store, root, key).await {
+        let xattrs = store.xattrs(root).await?;
+        let keys = match master_key(store, root, &xattrs, key).await {
             Ok(k) => k,
             Err(e) => {
                 meta.shutdown().await.ok();
                 return Err(e);
             }
         };
-        let pool = match xattr_u64(&store.xattrs(root).await?, POOL_XATTR)? {
+        let pool = match xattr_u64(&xattrs, POOL_XATTR)? {
             Some(b) => b,
             None => {
                 // Thin, as large as the whole store: space is what the store has.
@@ -138,10 +139,7 @@ impl FileSystem {
         if let Cmd::SetXattr { name, value, .. } = &cmd
             && name == super::state::POLICY_XATTR
             && !self.reduction.keys.has_key()
-            && std::str::from_utf8(value)
-                .ok()
-                .and_then(|t| t.trim().parse::<crate::reduce::ReducePolicy>().ok())
-                .is_some_and(|p| p.encrypt)
+            && super::reduced::parse_policy(value).is_some_and(|p| p.encrypt)
         {
             tracing::warn!("a reduce policy that encrypts needs the file system to be mounted with a master key");
             return Err(Errno(libc::ENOKEY));
@@ -280,7 +278,7 @@ impl FileSystem {
     /// Fills `out` with the file's bytes from `offset` on; returns how many
     /// lie within the file (the rest of `out` is left alone).
     async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
-        if self.meta.read(|s| s.reduce_policy(ino))?.is_some() {
+        if self.meta.read(|s| s.is_reduced(ino))? {
             return self.read_reduced(ino, offset, out).await;
         }
         // The ticket comes before the lookup: pages freed after it stay
@@ -494,7 +492,7 @@ impl FileSystem {
         let lock = self.writer(ino);
         let _alone = lock.write().await;
         let size = self.file_size(ino, Errno::ENODEV)?;
-        let reduced = self.meta.read(|s| s.reduce_policy(ino))?.is_some();
+        let reduced = self.meta.read(|s| s.is_reduced(ino))?;
         let mut attr = None;
         if mode & (PUNCH | ZERO) != 0 && reduced {
             if offset < end.min(size) {
@@ -650,16 +648,16 @@ const KEY_CHECK_XATTR: &str = "claudefs.fs.key_check";
 const KDF_XATTR: &str = "claudefs.fs.kdf";
 
 /// The scope keys of the file system (scope 0: one volume), from `key`
-/// checked against the check value the root blob keeps (set the first time
-/// a key is given).
+/// checked against the check value the root blob keeps in its `xattrs`
+/// (set the first time a key is given).
 async fn master_key(
     store: &Blobstore,
     root: u64,
+    xattrs: &std::collections::BTreeMap<String, Vec<u8>>,
     key: Option<KeySource>,
 ) -> Result<crate::reduce::ScopeKeys, BlobError> {
     use crate::reduce::{KdfParams, MasterKey, ScopeKeys};
     let invalid = |reason: String| BlobError::Invalid { what: "master key", reason };
-    let xattrs = store.xattrs(root).await?;
     let check = xattrs.get(KEY_CHECK_XATTR);
     let master = match key {
         None if check.is_some() => {

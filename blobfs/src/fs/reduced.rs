@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::types::{ChunkRef, Errno};
-use crate::reduce::{ChunkHash, MAX_CHUNK_SIZE};
+use crate::reduce::{ChunkHash, MAX_CHUNK_SIZE, ReducePolicy};
 
 /// Bytes `[skip, skip + len)` of the chunk `hash`, at some offset of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,19 @@ pub struct NewFrame {
     pub len: u32,
     /// Bytes of the chunk.
     pub raw: u32,
+}
+
+/// The views of `map` reaching into `[from, to)`, in order, with their
+/// offsets.
+pub fn overlapping(map: &BTreeMap<u64, View>, from: u64, to: u64) -> impl Iterator<Item = (u64, View)> + '_ {
+    // The view starting at or before `from` may reach into the range.
+    let first = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
+    map.range(first..to.max(first)).filter(move |&(&k, v)| k + u64::from(v.len) > from).map(|(&k, &v)| (k, v))
+}
+
+/// A policy xattr's value, if it is one (surrounding blanks allowed).
+pub fn parse_policy(value: &[u8]) -> Option<ReducePolicy> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// The dedupe index and the segments.
@@ -232,15 +245,10 @@ impl ReduceIndex {
     /// new reference, so that a chunk moving within a file is not dropped
     /// on the way).
     pub fn unmap(&mut self, map: &mut BTreeMap<u64, View>, from: u64, to: u64) -> Vec<View> {
-        let first = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
-        let hit: Vec<u64> = map.range(first..to.max(first)).map(|(&k, _)| k).collect();
+        let hit: Vec<(u64, View)> = overlapping(map, from, to).collect();
         let mut dropped = Vec::new();
-        for k in hit {
-            let v = map[&k];
+        for (k, v) in hit {
             let end = k + u64::from(v.len);
-            if end <= from || k >= to {
-                continue;
-            }
             map.remove(&k);
             if k < from {
                 let head = View { len: (from - k) as u32, ..v };

@@ -224,6 +224,11 @@ impl MetaState {
         self.reduce = index;
     }
 
+    /// Whether `ino` is a reduced file (its data in views).
+    pub fn is_reduced(&self, ino: Ino) -> Result<bool, Errno> {
+        Ok(matches!(self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body, Body::Reduced { .. }))
+    }
+
     /// The policy of a reduced file (`None` for a file stored plainly).
     pub fn reduce_policy(&self, ino: Ino) -> Result<Option<ReducePolicy>, Errno> {
         let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
@@ -237,14 +242,7 @@ impl MetaState {
     /// each with its offset.
     pub fn views(&self, ino: Ino, from: u64, to: u64) -> Result<Vec<(u64, View)>, Errno> {
         match &self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body {
-            Body::Reduced { views } => {
-                let first = views.range(..=from).next_back().map_or(from, |(&k, _)| k);
-                Ok(views
-                    .range(first..to.max(first))
-                    .filter(|&(&k, v)| k + u64::from(v.len) > from)
-                    .map(|(&k, &v)| (k, v))
-                    .collect())
-            }
+            Body::Reduced { views } => Ok(super::reduced::overlapping(views, from, to).collect()),
             Body::Dir { .. } => Err(Errno::EISDIR),
             _ => Err(Errno::EINVAL),
         }
@@ -932,8 +930,7 @@ impl MetaState {
         }
         let mut value = value.to_vec();
         if name == POLICY_XATTR {
-            let policy: ReducePolicy =
-                std::str::from_utf8(&value).ok().and_then(|t| t.trim().parse().ok()).ok_or(Errno::EINVAL)?;
+            let policy: ReducePolicy = super::reduced::parse_policy(&value).ok_or(Errno::EINVAL)?;
             value = policy.to_string().into_bytes();
             if inode.xattrs.get(name) != Some(&value) {
                 set_layout(inode, true)?;
@@ -1039,7 +1036,7 @@ impl Body {
 
 /// The policy an inode's xattr names.
 fn policy_of(inode: &Inode) -> Option<ReducePolicy> {
-    std::str::from_utf8(inode.xattrs.get(POLICY_XATTR)?).ok()?.parse().ok()
+    super::reduced::parse_policy(inode.xattrs.get(POLICY_XATTR)?)
 }
 
 /// Makes a regular file reduced or plain as its policy xattr is set or
