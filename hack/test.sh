@@ -18,6 +18,9 @@ if [ -f "$junit" ]; then
   read -r t f e < <(python3 - "$junit" <<'PY'
 import sys, xml.etree.ElementTree as ET
 r = ET.parse(sys.argv[1]).getroot()
+for case in r.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        print(f"FAILED: {case.get('classname')} {case.get('name')}", file=sys.stderr)
 print(r.get("tests", 0), r.get("failures", 0), r.get("errors", 0))
 PY
 )

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -267,6 +267,39 @@ fn posix_errors_come_back_through_the_mount() {
     assert_eq!(errno_of(std::fs::remove_file(mnt.join("missing"))), libc::ENOENT);
     assert_eq!(errno_of(std::fs::hard_link(mnt.join("dir"), mnt.join("dir2"))), libc::EPERM);
     assert_eq!(errno_of(std::fs::rename(mnt.join("dir"), mnt.join("dir/sub"))), libc::EINVAL);
+    up.down();
+}
+
+/// A running binary cannot be opened for writing or truncated (ETXTBSY),
+/// and a refused `O_RDONLY|O_TRUNC` leaves it whole: with FUSE's atomic
+/// O_TRUNC the server truncated it before the kernel refused the open, and
+/// the program crashed on its emptied pages.
+#[test]
+fn a_running_binary_is_neither_opened_for_writing_nor_truncated() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    let original = std::fs::read("/bin/sleep").unwrap();
+    let bin = mnt.join("sleep");
+    std::fs::write(&bin, &original).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let open = |flags: i32| {
+        let mode = flags & libc::O_ACCMODE;
+        let mut o = std::fs::OpenOptions::new();
+        o.read(mode != libc::O_WRONLY).write(mode != libc::O_RDONLY).custom_flags(flags & !libc::O_ACCMODE);
+        errno_of(o.open(&bin))
+    };
+    let mut running = Command::new(&bin).arg("30").spawn().unwrap();
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(open(flags), libc::ETXTBSY, "open with flags {flags:#x} of a running binary");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(running.try_wait().unwrap().is_none(), "the binary stopped running: {:?}", running.try_wait());
+    assert!(std::fs::read(&bin).unwrap() == original, "the running binary was changed");
+    running.kill().unwrap();
+    running.wait().unwrap();
+    // Once it has stopped, O_TRUNC truncates.
+    assert_eq!(open(libc::O_RDONLY | libc::O_TRUNC), 0);
+    assert_eq!(std::fs::metadata(&bin).unwrap().len(), 0);
     up.down();
 }
 

@@ -209,7 +209,6 @@ impl Filesystem for Fuse {
         for flag in [
             fuser::InitFlags::FUSE_DO_READDIRPLUS,
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
-            fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
             fuser::InitFlags::FUSE_POSIX_ACL,
             // Asynchronous direct I/O reaches us as concurrent requests.
             fuser::InitFlags::FUSE_ASYNC_DIO,
@@ -365,28 +364,18 @@ impl Filesystem for Fuse {
         self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let kind = match self.fs.meta().read(|s| s.getattr(ino.0).map(|a| a.kind)) {
-            Ok(kind) => kind,
-            Err(e) => return reply.error(errno(e)),
-        };
-        if flags.0 & libc::O_TRUNC == 0 || kind != FileKind::File {
-            self.fs.opened(ino.0);
-            return reply.opened(FileHandle(0), OPEN_FLAGS);
-        }
-        // FUSE_ATOMIC_O_TRUNC: the truncate is ours, and it marks the data
-        // and status as changed even if the file was empty (POSIX open()).
-        self.spawn(move |fs| async move {
-            let t = now();
-            let set = SetAttr { size: Some(0), mtime: Some(t), ..Default::default() };
-            match fs.setattr(ino.0, set, t).await {
-                Ok(_) => {
-                    fs.opened(ino.0);
-                    reply.opened(FileHandle(0), OPEN_FLAGS);
-                }
-                Err(e) => reply.error(errno(e)),
+    /// No FUSE_ATOMIC_O_TRUNC: with it the kernel sends OPEN, and we would
+    /// truncate, before it checks for ETXTBSY, so a refused
+    /// `open(O_RDONLY|O_TRUNC)` of a running binary still emptied it. The
+    /// kernel truncates with a SETATTR after its checks instead.
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
+            Ok(()) => {
+                self.fs.opened(ino.0);
+                reply.opened(FileHandle(0), OPEN_FLAGS)
             }
-        });
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn create(
