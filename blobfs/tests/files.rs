@@ -38,7 +38,19 @@ impl Fx {
 
     /// [`Fx::on`], opened with a master key.
     fn keyed(mib: u64, crash: bool, unit: u64, key: Option<KeySource>) -> Fx {
-        let (mut h, bdev) = Harness::with_malloc(if crash { 1 } else { 2 }, mib, crash);
+        let (h, bdev) = Harness::with_malloc(if crash { 1 } else { 2 }, mib, crash);
+        Self::on_bdev(h, bdev, unit, key)
+    }
+
+    /// On a malloc bdev of `mib` MiB behind an error bdev (`EE_M0`).
+    fn with_error_bdev(mib: u64) -> Fx {
+        let (h, _) = Harness::with_malloc(2, mib, false);
+        let config = nvme::error_bdev::ErrorConfig { base_name: "M0".into(), uuid: None };
+        nvme::error_bdev::create(&h.registry, &config).unwrap();
+        Self::on_bdev(h, "EE_M0".into(), UNIT, None)
+    }
+
+    fn on_bdev(mut h: Harness, bdev: String, unit: u64, key: Option<KeySource>) -> Fx {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let store = h.format(&bdev, 64 * 1024, None);
         let fs = Self::open_fs(&mut h, &rt, &store, unit, key.clone()).unwrap();
@@ -65,6 +77,12 @@ impl Fx {
     /// leave it (after whatever was synced); returns the bdev's store
     /// loaded again.
     fn stop_and_reload(&mut self) -> Blobstore {
+        self.abandon();
+        self.h.load(&self.bdev).unwrap().0
+    }
+
+    /// Stops the file system (syncing what it can) and abandons its store.
+    fn abandon(&mut self) {
         let (fs, store) = (self.fs.clone(), self.store.clone());
         self.h
             .run(self.rt.spawn(async move {
@@ -72,12 +90,39 @@ impl Fx {
                 store.abandon().await;
             }))
             .unwrap();
-        self.h.load(&self.bdev).unwrap().0
     }
 
     /// [`Fx::stop_and_reload`], then opens the file system again.
     fn restart(&mut self) {
         let store = self.stop_and_reload();
+        self.fs = Fx::open_fs(&mut self.h, &self.rt, &store, self.unit, self.key.clone()).unwrap();
+        self.store = store;
+    }
+
+    /// Cuts the crash bdev's power (`mode` says what happens to writes not
+    /// yet flushed), then loads the store and opens the file system again.
+    fn power_cut(&mut self, mode: nvme::crash::PowerCutMode, seed: u64) {
+        use nvme::crash::{self, PowerCutConfig, PowerState};
+        crash::power_cut(&self.h.registry, &PowerCutConfig { name: "C0".into(), mode, seed }).unwrap();
+        while crash::status(&self.h.registry, "C0").unwrap().state != PowerState::Off {
+            self.h.step();
+        }
+        self.abandon();
+        crash::power_on(&self.h.registry, "C0").unwrap();
+        // The dead store's last requests may still hold the crash bdev's one
+        // channel for a moment.
+        let mut tries = 0;
+        let (store, _) = loop {
+            match self.h.load(&self.bdev) {
+                Ok(loaded) => break loaded,
+                Err(e) if tries < 100 && e.to_string().contains("one channel at a time") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    (0..100).for_each(|_| self.h.step());
+                }
+                Err(e) => panic!("seed {seed}: reload: {e}"),
+            }
+        };
         self.fs = Fx::open_fs(&mut self.h, &self.rt, &store, self.unit, self.key.clone()).unwrap();
         self.store = store;
     }
@@ -275,6 +320,13 @@ fn model_run(mut fx: Fx, policy: Option<&str>, steps: u64) {
 /// each other: neighbours that share a page must not lose each other's bytes.
 #[test]
 fn concurrent_writes_to_one_file_lose_nothing() {
+    for behind in [false, true] {
+        concurrent_writes(behind);
+    }
+}
+
+/// [`concurrent_writes_to_one_file_lose_nothing`], written behind or not.
+fn concurrent_writes(behind: bool) {
     let mut fx = Fx::new(64);
     let ino = fx.create("f");
     // 24 writers of 3000 bytes side by side (sharing pages), 24 of whole
@@ -298,7 +350,12 @@ fn concurrent_writes_to_one_file_lose_nothing() {
                     .into_iter()
                     .map(|(offset, data)| {
                         let fs = fs.clone();
-                        tokio::spawn(async move { fs.write(ino, offset, &data, Time(9)).await })
+                        tokio::spawn(async move {
+                            match behind {
+                                true => fs.write_behind(ino, offset, &data, Time(9)).await,
+                                false => fs.write(ino, offset, &data, Time(9)).await.map(drop),
+                            }
+                        })
                     })
                     .collect();
                 for t in tasks {
@@ -306,8 +363,91 @@ fn concurrent_writes_to_one_file_lose_nothing() {
                 }
             })
         });
-        assert_eq!(fx.read(ino, 0, model.len()), model, "round {round}");
+        assert_eq!(fx.read(ino, 0, model.len()), model, "round {round}, behind: {behind}");
     }
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
+}
+
+/// Writes behind their replies, one after another with nothing read in
+/// between (whole pages, parts of pages, the same bytes again, past the
+/// end): the attributes and the bytes read right after are the last
+/// writes', and an fsync makes them survive a power cut.
+#[test]
+fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_fsync() {
+    let mut fx = Fx::on(64, true, UNIT);
+    let ino = fx.create("f");
+    let mut model = Vec::new();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for round in 0..6u64 {
+        let mut writes = Vec::new();
+        for i in 0..40 {
+            let (mut offset, mut len) = (rng.u64(..8 * CHUNK), rng.usize(1..3 * CHUNK as usize));
+            if i % 2 == 0 {
+                (offset, len) = (offset / 4096 * 4096, len.next_multiple_of(4096));
+            }
+            if i % 5 == 4 {
+                // The bytes of the write before, again.
+                (offset, len) = writes.last().map(|(o, d): &(u64, Vec<u8>)| (*o, d.len())).unwrap();
+            }
+            let data = pattern(round * 100 + i, len);
+            model_write(&mut model, offset, &data);
+            writes.push((offset, data));
+        }
+        fx.run(move |fs| {
+            Box::pin(async move {
+                for (offset, data) in writes {
+                    fs.write_behind(ino, offset, &data, Time(9)).await.unwrap();
+                }
+            })
+        });
+        let size = fx.run(move |fs| Box::pin(async move { fs.settled_attr(ino).await.map(|a| a.size) })).unwrap();
+        assert_eq!(size, model.len() as u64, "size after round {round}");
+        assert_eq!(fx.read(ino, 0, model.len() + 10), model, "round {round}");
+        if round % 2 == 1 {
+            let size = rng.u64(..model.len() as u64);
+            fx.truncate(ino, size);
+            model.truncate(size as usize);
+        }
+    }
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    // Whatever was not flushed is lost.
+    fx.power_cut(nvme::crash::PowerCutMode::Drop, 11);
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
+    assert_eq!(fx.read(ino, 0, model.len() + 10), model, "after the power cut");
+}
+
+/// A device error met by a write after its reply is returned by the file's
+/// next flush (close), once; the file keeps what it held before.
+#[test]
+fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once() {
+    use nvme::error_bdev::{InjectConfig, InjectIoType, InjectKind};
+    let mut fx = Fx::with_error_bdev(64);
+    let ino = fx.create("f");
+    let before = pattern(1, 8 * 4096);
+    fx.write(ino, 0, before.clone()).unwrap();
+    fx.run(|fs| Box::pin(async move { fs.sync().await })).unwrap();
+    let inject = |kind, num| InjectConfig {
+        name: "EE_M0".into(),
+        io_type: InjectIoType::Write,
+        error_type: kind,
+        num,
+        skip: 0,
+        torn_blocks: None,
+    };
+    nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
+    // The pages are backed already: the next device write is this one's.
+    let new = pattern(2, 4096);
+    let data = new.clone();
+    fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await }))
+        .expect("the write is answered before its device write");
+    let flush = |fx: &mut Fx| fx.run(move |fs| Box::pin(async move { fs.flush(ino).await }));
+    assert_eq!(flush(&mut fx), Err(Errno::EIO));
+    assert_eq!(flush(&mut fx), Ok(()), "reported once");
+    assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
+    let data = new.clone();
+    fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    assert_eq!(fx.read(ino, 4096, 4096), new);
     fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
 }
 
@@ -445,7 +585,12 @@ fn a_store_full_of_metadata_says_enospc_and_unlinking_everything_still_works() {
             }
         }
     };
-    fx.write(ino, 0, vec![3; 4096]).unwrap();
+    // The create may take the first room back; the write's pages follow.
+    while let Err(e) = fx.write(ino, 0, vec![3; 4096]) {
+        assert_eq!(e, Errno::ENOSPC);
+        assert!(std::time::Instant::now() < deadline, "no room for 4 KiB 30 s after deleting everything");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
 }
 
@@ -455,7 +600,7 @@ fn a_store_full_of_metadata_says_enospc_and_unlinking_everything_still_works() {
 /// last `sync`, structurally sound, and every file must hold exactly the
 /// bytes it had after that prefix.
 fn power_cut_round(seed: u64, policy: Option<(&str, KeySource)>) {
-    use nvme::crash::{self, PowerCutConfig, PowerCutMode, PowerState};
+    use nvme::crash::PowerCutMode;
     let mut fx = Fx::keyed(32, true, UNIT, policy.as_ref().map(|(_, k)| k.clone()));
     if let Some((p, _)) = &policy {
         fx.set_policy(ROOT, p).unwrap();
@@ -526,33 +671,7 @@ fn power_cut_round(seed: u64, policy: Option<(&str, KeySource)>) {
     }
 
     let mode = [PowerCutMode::Drop, PowerCutMode::Keep, PowerCutMode::Random][rng.usize(0..3)];
-    crash::power_cut(&fx.h.registry, &PowerCutConfig { name: "C0".into(), mode, seed }).unwrap();
-    while crash::status(&fx.h.registry, "C0").unwrap().state != PowerState::Off {
-        fx.h.step();
-    }
-    let (fs, store) = (fx.fs.clone(), fx.store.clone());
-    fx.h.run(fx.rt.spawn(async move {
-        let _ = fs.shutdown().await;
-        store.abandon().await;
-    }))
-    .unwrap();
-    crash::power_on(&fx.h.registry, "C0").unwrap();
-    // The dead store's last requests may still hold the crash bdev's one
-    // channel for a moment.
-    let mut tries = 0;
-    let (store, _) = loop {
-        match fx.h.load(&fx.bdev) {
-            Ok(loaded) => break loaded,
-            Err(e) if tries < 100 && e.to_string().contains("one channel at a time") => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-                (0..100).for_each(|_| fx.h.step());
-            }
-            Err(e) => panic!("seed {seed}: reload: {e}"),
-        }
-    };
-    fx.fs = Fx::open_fs(&mut fx.h, &fx.rt, &store, fx.unit, fx.key.clone()).unwrap();
-    fx.store = store;
+    fx.power_cut(mode, seed);
 
     let state = fx.fs.meta().read(|s| s.clone());
     state.check().unwrap_or_else(|e| panic!("seed {seed}: the recovered state is unsound: {e}"));

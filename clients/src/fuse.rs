@@ -12,7 +12,9 @@
 //! then keeps the size and times of a file with dirty pages and writes the
 //! pages back in large, concurrent requests; `fsync` writes them back and
 //! then syncs the file system. O_DIRECT bypasses the cache, and its
-//! asynchronous requests reach us concurrently.
+//! asynchronous requests reach us concurrently. Buffered writes are written
+//! behind their replies ([`FileSystem::write_behind`]); requests that read
+//! a file's data or attributes wait for its writes behind first.
 //!
 //! The kernel may use an inode number it was handed (by a lookup, a create
 //! or a directory listing) until it forgets it, even after the inode's last
@@ -171,12 +173,14 @@ fn name_of(name: &OsStr) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
 
-/// Replies with a new entry (counting the kernel's lookup of it first: it
-/// may forget it as soon as it has the reply).
-fn reply_entry(fs: &FileSystem, reply: ReplyEntry, r: Result<Reply, Errno>) {
+/// Replies with an entry, counting the kernel's lookup of it first (it may
+/// forget it as soon as it has the reply) unless `counted` already.
+fn reply_entry(fs: &FileSystem, reply: ReplyEntry, r: Result<Reply, Errno>, counted: bool) {
     match r {
         Ok(Reply::Entry(a)) => {
-            fs.looked_up(a.ino);
+            if !counted {
+                fs.looked_up(a.ino);
+            }
             reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
         }
         Ok(other) => {
@@ -185,6 +189,24 @@ fn reply_entry(fs: &FileSystem, reply: ReplyEntry, r: Result<Reply, Errno>) {
         }
         Err(e) => reply.error(errno(e)),
     }
+}
+
+/// Replies to readdirplus with `entries` and their attributes (entries
+/// gone since are left out).
+fn reply_plus(fs: &FileSystem, mut reply: ReplyDirectoryPlus, entries: Vec<blobfs::fs::DirEntry>) {
+    let attrs: Vec<Option<Attr>> = fs.meta().read(|s| entries.iter().map(|e| s.getattr(e.ino).ok().cloned()).collect());
+    for (e, a) in entries.iter().zip(attrs) {
+        let Some(a) = a else { continue };
+        let name = OsStr::from_bytes(&e.name);
+        if reply.add(INodeNo(e.ino), e.cookie, name, &TTL, &file_attr(&a), Generation(a.generation)) {
+            break;
+        }
+        // The kernel takes a lookup of every entry but `.` and `..`.
+        if e.name != b"." && e.name != b".." {
+            fs.looked_up(e.ino);
+        }
+    }
+    reply.ok();
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<impl Sized, Errno>) {
@@ -223,6 +245,12 @@ impl Filesystem for Fuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.meta().read(|s| s.lookup(parent.0, name.as_bytes()).cloned()) {
+            Ok(a) if self.fs.writing(a.ino) => {
+                self.fs.looked_up(a.ino);
+                self.spawn(move |fs| async move {
+                    reply_entry(&fs, reply, fs.settled_attr(a.ino).await.map(Reply::Entry), true)
+                });
+            }
             Ok(a) => {
                 self.fs.looked_up(a.ino);
                 reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
@@ -240,6 +268,14 @@ impl Filesystem for Fuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if self.fs.writing(ino.0) {
+            return self.spawn(move |fs| async move {
+                match fs.settled_attr(ino.0).await {
+                    Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                    Err(e) => reply.error(errno(e)),
+                }
+            });
+        }
         match self.fs.meta().read(|s| s.getattr(ino.0).cloned()) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -301,12 +337,12 @@ impl Filesystem for Fuse {
             rdev,
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let cmd = Cmd::Mkdir { parent: parent.0, name: name_of(name), perm: mode & !umask & 0o7777, by: creator(req) };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -326,7 +362,7 @@ impl Filesystem for Fuse {
             target: target.as_os_str().as_bytes().to_vec(),
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn rename(
@@ -361,7 +397,11 @@ impl Filesystem for Fuse {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let cmd = Cmd::Link { ino: ino.0, parent: newparent.0, name: name_of(newname), now: now() };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await) });
+        self.spawn(move |fs| async move {
+            // The reply holds the file's attributes.
+            fs.settle(ino.0).await;
+            reply_entry(&fs, reply, fs.apply(cmd).await, false)
+        });
     }
 
     /// No FUSE_ATOMIC_O_TRUNC: with it the kernel sends OPEN, and we would
@@ -436,14 +476,21 @@ impl Filesystem for Fuse {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        // Buffered writes go behind their replies; O_DIRECT and O_[D]SYNC
+        // ones are answered when done.
+        let behind = flags.0 & (libc::O_DIRECT | libc::O_DSYNC) == 0;
         self.spawn(move |fs| async move {
-            match fs.write(ino.0, offset, &data, now()).await {
-                Ok(_) => reply.written(data.len() as u32),
+            let written = match behind {
+                true => fs.write_behind(ino.0, offset, &data, now()).await,
+                false => fs.write(ino.0, offset, &data, now()).await.map(drop),
+            };
+            match written {
+                Ok(()) => reply.written(data.len() as u32),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -462,8 +509,11 @@ impl Filesystem for Fuse {
         self.spawn(move |fs| async move { reply_empty(reply, fs.fallocate(ino.0, offset, length, mode, now()).await) });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        if !self.fs.writing(ino.0) && !self.fs.write_failed(ino.0) {
+            return reply.ok();
+        }
+        self.spawn(move |fs| async move { reply_empty(reply, fs.flush(ino.0).await) });
     }
 
     fn release(
@@ -476,11 +526,14 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { reply_empty(reply, fs.released(ino.0).await) });
+        self.spawn(move |fs| async move {
+            fs.settle(ino.0).await;
+            reply_empty(reply, fs.released(ino.0).await)
+        });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(move |fs| async move { reply_empty(reply, fs.sync().await) });
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.fsync(ino.0).await) });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -501,26 +554,17 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let listed = self.fs.meta().read(|s| {
-            let entries = s.readdir(ino.0, offset, 1024)?;
-            Ok(entries.into_iter().filter_map(|e| s.getattr(e.ino).ok().map(|a| (e, a.clone()))).collect::<Vec<_>>())
-        });
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let listed = self.fs.meta().read(|s| s.readdir(ino.0, offset, 1024));
         match listed {
-            Ok(entries) => {
-                for (e, a) in entries {
-                    let attr = file_attr(&a);
-                    let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.ino), e.cookie, name, &TTL, &attr, Generation(a.generation)) {
-                        break;
-                    }
-                    // The kernel takes a lookup of every entry but `.` and `..`.
-                    if e.name != b"." && e.name != b".." {
-                        self.fs.looked_up(e.ino);
-                    }
+            // The entries' attributes must be what their writers were told.
+            Ok(entries) if entries.iter().any(|e| self.fs.writing(e.ino)) => self.spawn(move |fs| async move {
+                for e in &entries {
+                    fs.settle(e.ino).await;
                 }
-                reply.ok();
-            }
+                reply_plus(&fs, reply, entries)
+            }),
+            Ok(entries) => reply_plus(&self.fs, reply, entries),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -37,6 +37,8 @@ pub struct FileSystem {
     pool: super::HeldBlob,
     /// Held while a snapshot to make room is under way.
     compaction: Arc<tokio::sync::Mutex<()>>,
+    /// Writes answered before their data is mapped ([`super::behind`]).
+    pub(super) behind: super::behind::Behind,
 }
 
 impl FileSystem {
@@ -99,6 +101,7 @@ impl FileSystem {
             refs: Mutex::default(),
             pool: super::HeldBlob::new(handle),
             compaction: Arc::default(),
+            behind: super::behind::Behind::new(),
         };
         let orphans: Vec<Ino> = fs.meta.orphans().into_iter().collect();
         if !orphans.is_empty() {
@@ -269,6 +272,7 @@ impl FileSystem {
     /// Reads up to `size` bytes at `offset` (fewer at the end of the file;
     /// holes read as zeros).
     pub async fn read(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>, Errno> {
+        self.settle(ino).await;
         let mut out = vec![0u8; size];
         let n = self.read_into(ino, offset, &mut out).await?;
         out.truncate(n);
@@ -329,30 +333,41 @@ impl FileSystem {
     /// one that covers part of a unit reads the rest of it, so it runs
     /// alone (as do truncates and fallocate, which do the same).
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8], now: Time) -> Result<Attr, Errno> {
-        let end =
-            offset.checked_add(data.len() as u64).filter(|&e| e <= super::types::FILE_SIZE_MAX).ok_or(Errno::EFBIG)?;
+        let end = super::behind::write_end(offset, data)?;
         if data.is_empty() {
             return self.meta.read(|s| s.getattr(ino).cloned());
         }
         if let Some(policy) = self.meta.read(|s| s.reduce_policy(ino))? {
             return self.write_reduced(ino, offset, data, now, policy).await;
         }
+        let (_held, staged) = self.stage_write(ino, offset, data, true).await?;
+        let chunks = self.write_staged(staged).await?;
+        self.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await
+    }
+
+    /// Takes the file's data lock for a write of `data` at `offset` and
+    /// stages it ([`FileSystem::stage`]). Whole units share the lock, unless
+    /// this write goes through while others are behind (it must come after
+    /// them); part of a unit holds it alone.
+    pub(super) async fn stage_write(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        through: bool,
+    ) -> Result<(super::behind::Held, Vec<Staged>), Errno> {
+        use super::behind::Held;
         let u = self.chunk_size;
+        let end = offset + data.len() as u64;
         let lock = self.writer(ino);
-        let whole = offset % u == 0 && end % u == 0;
-        let (_shared, _alone);
-        if whole {
-            _shared = lock.read().await;
-        } else {
-            _alone = lock.write().await;
-        }
+        let whole = offset % u == 0 && end % u == 0 && !(through && self.writing(ino));
+        let held = if whole { Held::Shared(lock.read_owned().await) } else { Held::Alone(lock.write_owned().await) };
         let size = self.file_size(ino, Errno::EINVAL)?;
         // Whole units from the one holding `offset`, up to the file's end
         // in the last (beyond it, the unit holds zeros).
         let from = offset / u * u;
         let to = end.max(size.min(end.next_multiple_of(u))).next_multiple_of(PAGE);
-        let chunks = self.rewrite(ino, from, to, offset..end, data).await?;
-        self.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await
+        Ok((held, self.stage(ino, from, to, offset..end, data).await?))
     }
 
     /// A regular file's size; a directory is EISDIR, anything else
@@ -379,33 +394,48 @@ impl FileSystem {
         new: std::ops::Range<u64>,
         data: &[u8],
     ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
+        let staged = self.stage(ino, from, to, new, data).await?;
+        self.write_staged(staged).await
+    }
+
+    /// What [`FileSystem::rewrite`] does before the device writes: the new
+    /// pages allocated and their contents in DMA memory.
+    async fn stage(
+        &self,
+        ino: Ino,
+        from: u64,
+        to: u64,
+        new: std::ops::Range<u64>,
+        data: &[u8],
+    ) -> Result<Vec<Staged>, Errno> {
         debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
         let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
         let runs = self.alloc_pages(pages, up).await?;
-        let written = async {
-            let mut writes = Vec::with_capacity(runs.len());
-            let mut at = from;
-            for &run in &runs {
-                let buf = self.fill(ino, at, &new, data, run).await?;
-                writes.push(self.data.write(run, buf));
-                at += u64::from(run.pages) * PAGE;
+        let mut staged = Vec::with_capacity(runs.len());
+        let mut page = from / PAGE;
+        for (i, &run) in runs.iter().enumerate() {
+            match self.fill(ino, page * PAGE, &new, data, run).await {
+                Ok(buf) => staged.push(Staged { unit: page / up, run, buf }),
+                Err(e) => {
+                    self.data.free(runs[i..].iter().copied().chain(staged.into_iter().map(|s| s.run)));
+                    return Err(e);
+                }
             }
-            futures_util::future::try_join_all(writes).await
+            page += u64::from(run.pages);
         }
-        .await;
-        if let Err(e) = written {
-            self.data.free(runs);
+        Ok(staged)
+    }
+
+    /// Writes staged runs side by side; returns them as extents to map (if
+    /// one fails, all their pages are free again).
+    pub(super) async fn write_staged(&self, staged: Vec<Staged>) -> Result<Vec<(u64, ChunkRef)>, Errno> {
+        let extents: Vec<(u64, ChunkRef)> = staged.iter().map(|s| (s.unit, s.run)).collect();
+        let writes = staged.into_iter().map(|s| self.data.write(s.run, s.buf));
+        if let Err(e) = futures_util::future::try_join_all(writes).await {
+            self.data.free(extents.into_iter().map(|(_, c)| c));
             return Err(e);
         }
-        let mut page = from / PAGE;
-        Ok(runs
-            .into_iter()
-            .map(|run| {
-                let unit = page / up;
-                page += u64::from(run.pages);
-                (unit, run)
-            })
-            .collect())
+        Ok(extents)
     }
 
     /// Allocates `pages` pages in runs of whole `unit`s ([`DataPool::alloc`]).
@@ -454,7 +484,7 @@ impl FileSystem {
 
     /// Maps freshly written extents by the command `cmd` makes of them; if
     /// the command fails, their pages are free again.
-    async fn map_written(
+    pub(super) async fn map_written(
         &self,
         chunks: Vec<(u64, ChunkRef)>,
         cmd: impl FnOnce(Vec<(u64, ChunkRef)>) -> Cmd,
@@ -580,6 +610,7 @@ impl FileSystem {
     /// Makes everything written so far durable: file data, then metadata
     /// (what `fsync` of any file or directory promises).
     pub async fn sync(&self) -> Result<(), Errno> {
+        self.settle_all().await;
         self.data.flush().await?;
         self.meta.sync().await
     }
@@ -592,6 +623,14 @@ impl FileSystem {
         self.meta.shutdown().await?;
         self.pool.close("data pool").await
     }
+}
+
+/// New pages of a file, their contents ready to be written.
+pub(super) struct Staged {
+    /// The file's unit the run starts at.
+    unit: u64,
+    run: ChunkRef,
+    buf: pmd::DmaBuf,
 }
 
 /// What clients hold of an inode.

@@ -14,6 +14,7 @@
 //! data-reduction pipeline (chunking, dedupe, compression, encryption)
 //! plugs in.
 
+mod behind;
 pub mod cmd;
 pub mod data;
 mod files;

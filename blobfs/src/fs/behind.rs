@@ -1,0 +1,199 @@
+//! Write-behind: a buffered write is answered once its bytes are copied
+//! into DMA memory and its pages allocated; the device write and the
+//! command that maps the pages finish behind the reply, as the kernel's
+//! page cache does for a local file system. A writer then keeps several
+//! device writes in flight instead of waiting for each one.
+//!
+//! What keeps it correct:
+//!
+//! - Each write behind holds its file's data lock (shared for whole units,
+//!   alone for part of one) until its pages are mapped, so truncates,
+//!   fallocate, partial writes and [`FileSystem::settle`] wait for it.
+//! - A file's writes behind map their pages in the order they were
+//!   answered, so the later of two writes to the same bytes wins.
+//! - Anything that reads a file's data or attributes settles it first
+//!   ([`FileSystem::writing`] is the cheap test for whether it must).
+//! - Space is allocated before the reply, so ENOSPC is the write's own
+//!   error. A device or metadata error after the reply is kept for the
+//!   file and returned by its next `flush` (close) or `fsync`, as the
+//!   kernel reports writeback errors.
+//! - Near the end of the store's space, and for reduced files, writes go
+//!   through as before.
+//! - At most [`BUDGET`] bytes are behind at once; beyond it a write waits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, Semaphore, oneshot};
+
+use super::files::FileSystem;
+use super::{Cmd, Errno, Ino, Time};
+
+/// Bytes of writes that may be behind their replies at once.
+pub const BUDGET: usize = 64 << 20;
+
+/// The writes of each file that are behind their replies.
+pub(super) struct Behind {
+    files: Mutex<HashMap<Ino, File>>,
+    /// Permits of 4 KiB: [`BUDGET`] in all.
+    budget: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct File {
+    in_flight: usize,
+    /// Closed once the latest write behind has mapped its pages (or
+    /// failed): the next one maps after it.
+    tail: Option<oneshot::Receiver<()>>,
+    /// The first error of a write behind since the last flush or fsync.
+    error: Option<Errno>,
+}
+
+/// A file's data lock as a write holds it.
+pub(super) enum Held {
+    Shared(#[allow(dead_code, reason = "held until dropped")] OwnedRwLockReadGuard<()>),
+    Alone(#[allow(dead_code, reason = "held until dropped")] OwnedRwLockWriteGuard<()>),
+}
+
+impl Behind {
+    pub(super) fn new() -> Behind {
+        Behind { files: Mutex::default(), budget: Arc::new(Semaphore::new(BUDGET / 4096)) }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, File>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writing(&self, ino: Ino) -> bool {
+        self.files().get(&ino).is_some_and(|f| f.in_flight > 0)
+    }
+
+    /// Files with writes behind.
+    fn inodes(&self) -> Vec<Ino> {
+        self.files().iter().filter(|(_, f)| f.in_flight > 0).map(|(&i, _)| i).collect()
+    }
+
+    /// Counts a write of `ino` going behind: returns what to wait for before
+    /// mapping (the file's previous write behind) and what to close after.
+    fn start(&self, ino: Ino) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, tail) = oneshot::channel();
+        let mut files = self.files();
+        let f = files.entry(ino).or_default();
+        f.in_flight += 1;
+        (f.tail.replace(tail), done)
+    }
+
+    /// A write behind of `ino` is done with `result`.
+    fn end(&self, ino: Ino, result: Result<(), Errno>) {
+        let mut files = self.files();
+        let Some(f) = files.get_mut(&ino) else { return };
+        f.in_flight -= 1;
+        if let Err(e) = result {
+            f.error.get_or_insert(e);
+        }
+        if f.in_flight == 0 && f.error.is_none() {
+            files.remove(&ino);
+        }
+    }
+
+    /// The error a write behind of `ino` met since the last call, if any.
+    fn take_error(&self, ino: Ino) -> Option<Errno> {
+        let mut files = self.files();
+        let f = files.get_mut(&ino)?;
+        let e = f.error.take();
+        if f.in_flight == 0 {
+            files.remove(&ino);
+        }
+        e
+    }
+}
+
+impl FileSystem {
+    /// Writes `data` at `offset` like [`FileSystem::write`], but returns as
+    /// soon as the bytes are copied and their pages allocated; the rest
+    /// finishes behind (the module's description says what that promises).
+    pub async fn write_behind(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], now: Time) -> Result<(), Errno> {
+        let end = write_end(offset, data)?;
+        let through =
+            data.is_empty() || self.data.metadata_space_tight() || self.meta.read(|s| s.reduce_policy(ino))?.is_some();
+        if through {
+            return self.write(ino, offset, data, now).await.map(drop);
+        }
+        let pages = data.len().div_ceil(4096).min(BUDGET / 4096) as u32;
+        let permits = self.behind.budget.clone().acquire_many_owned(pages).await.expect("the budget is never closed");
+        let (held, staged) = self.stage_write(ino, offset, data, false).await?;
+        let (previous, done) = self.behind.start(ino);
+        let fs = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let chunks = fs.write_staged(staged).await?;
+                if let Some(previous) = previous {
+                    // Closed or dropped: either way it is done.
+                    let _ = previous.await;
+                }
+                fs.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!(
+                    "a write behind of inode {ino} at offset {offset} failed: {e}; flush and fsync report it"
+                );
+            }
+            fs.behind.end(ino, result.map(drop));
+            drop((done, held, permits));
+        });
+        Ok(())
+    }
+
+    /// Whether writes of `ino` are still finishing behind their replies:
+    /// its data and attributes are then not yet what the writer was told.
+    pub fn writing(&self, ino: Ino) -> bool {
+        self.behind.writing(ino)
+    }
+
+    /// Waits until every write of `ino` answered so far has mapped its pages.
+    pub async fn settle(&self, ino: Ino) {
+        if self.writing(ino) {
+            // Writes behind hold the lock until they are mapped.
+            drop(self.writer(ino).write().await);
+        }
+    }
+
+    /// `ino`'s attributes once its writes are settled.
+    pub async fn settled_attr(&self, ino: Ino) -> Result<super::Attr, Errno> {
+        self.settle(ino).await;
+        self.meta.read(|s| s.getattr(ino).cloned())
+    }
+
+    /// Whether a write behind of `ino` failed after its reply (and its
+    /// next flush or fsync has yet to say so).
+    pub fn write_failed(&self, ino: Ino) -> bool {
+        self.behind.files().get(&ino).is_some_and(|f| f.error.is_some())
+    }
+
+    /// Waits for the writes of every file ([`FileSystem::settle`]).
+    pub(super) async fn settle_all(&self) {
+        for ino in self.behind.inodes() {
+            self.settle(ino).await;
+        }
+    }
+
+    /// What `close` asks of `ino`: its writes settled, and the error one of
+    /// them met after its reply, if any (returned once).
+    pub async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+        self.settle(ino).await;
+        self.behind.take_error(ino).map_or(Ok(()), Err)
+    }
+
+    /// `fsync` of `ino`: [`FileSystem::flush`], then everything durable.
+    pub async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
+        let flushed = self.flush(ino).await;
+        self.sync().await?;
+        flushed
+    }
+}
+
+/// Where a write of `data` at `offset` ends; EFBIG past the largest file.
+pub(super) fn write_end(offset: u64, data: &[u8]) -> Result<u64, Errno> {
+    offset.checked_add(data.len() as u64).filter(|&e| e <= super::types::FILE_SIZE_MAX).ok_or(Errno::EFBIG)
+}
