@@ -31,7 +31,10 @@ else
 fi
 
 # Documentation examples.
-doc=$(cargo test --workspace --doc 2>&1 | tee /dev/stderr | grep -E '^test result:')
+# (Not `tee /dev/stderr`: when stderr is a file, tee reopens it truncated.)
+doc=$(cargo test --workspace --doc 2>&1)
+echo "$doc" >&2
+doc=$(echo "$doc" | grep -E '^test result:')
 count "$(echo "$doc" | awk '{s+=$4} END {print s+0}')" "$(echo "$doc" | awk '{s+=$6} END {print s+0}')"
 
 # The README's main job, once.

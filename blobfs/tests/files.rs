@@ -378,6 +378,7 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
     let ino = fx.create("f");
     let mut model = Vec::new();
     let mut rng = fastrand::Rng::with_seed(11);
+    let mut staged_now = 0;
     for round in 0..6u64 {
         let mut writes = Vec::new();
         for i in 0..40 {
@@ -393,13 +394,20 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
             model_write(&mut model, offset, &data);
             writes.push((offset, data));
         }
-        fx.run(move |fs| {
-            Box::pin(async move {
-                for (offset, data) in writes {
-                    fs.write_behind(ino, offset, &data, Time(9)).await.unwrap();
+        // Every other write is staged from this thread where it need not
+        // wait (as FUSE's request threads do), the rest from a task.
+        for (i, (offset, data)) in writes.into_iter().enumerate() {
+            let now = (i % 2 == 0).then(|| fx.fs.try_write_behind(ino, offset, &data, Time(9), fx.rt.handle()));
+            match now.flatten() {
+                Some(r) => {
+                    r.unwrap();
+                    staged_now += 1;
                 }
-            })
-        });
+                None => fx
+                    .run(move |fs| Box::pin(async move { fs.write_behind(ino, offset, &data, Time(9)).await }))
+                    .unwrap(),
+            }
+        }
         let size = fx.run(move |fs| Box::pin(async move { fs.settled_attr(ino).await.map(|a| a.size) })).unwrap();
         assert_eq!(size, model.len() as u64, "size after round {round}");
         assert_eq!(fx.read(ino, 0, model.len() + 10), model, "round {round}");
@@ -409,11 +417,32 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
             model.truncate(size as usize);
         }
     }
+    assert!(staged_now > 0, "no write was staged without waiting");
     fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
     // Whatever was not flushed is lost.
     fx.power_cut(nvme::crash::PowerCutMode::Drop, 11);
     fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
     assert_eq!(fx.read(ino, 0, model.len() + 10), model, "after the power cut");
+}
+
+/// A write that would have to wait (part of a unit, whose other bytes must
+/// be read) is not staged without waiting, and nothing of it happens; bad
+/// targets are refused at once.
+#[test]
+fn writes_that_would_wait_are_left_to_a_task() {
+    let mut fx = Fx::on(64, true, UNIT);
+    let ino = fx.create("f");
+    let rt = fx.rt.handle().clone();
+    assert!(fx.fs.try_write_behind(ino, 100, &[1; 10], Time(9), &rt).is_none(), "part of a unit");
+    assert!(!fx.fs.writing(ino), "nothing went behind");
+    let lock = fx.run(move |fs| Box::pin(async move { fs.write(ino, 0, &[2; 4096], Time(9)).await })).map(drop);
+    lock.unwrap();
+    assert_eq!(fx.fs.try_write_behind(ROOT, 0, &[1; 4096], Time(9), &rt), Some(Err(Errno::EISDIR)));
+    assert_eq!(fx.fs.try_write_behind(ino, u64::MAX - 4095, &[1; 4096], Time(9), &rt), Some(Err(Errno::EFBIG)));
+    assert_eq!(fx.fs.try_write_behind(ino, 4096, &[3; 8192], Time(9), &rt), Some(Ok(())));
+    let mut want = vec![2; 4096];
+    want.extend([3; 8192]);
+    assert_eq!(fx.read(ino, 0, 20000), want);
 }
 
 /// A device error met by a write after its reply is returned by the file's
@@ -443,6 +472,14 @@ fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once(
     let flush = |fx: &mut Fx| fx.run(move |fs| Box::pin(async move { fs.flush(ino).await }));
     assert_eq!(flush(&mut fx), Err(Errno::EIO));
     assert_eq!(flush(&mut fx), Ok(()), "reported once");
+    // A close that does not wait (flush-behind) reports it too, once
+    // the write has met it.
+    nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
+    let data = new.clone();
+    fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.settle(ino).await }));
+    assert_eq!(fx.fs.write_error(ino), Err(Errno::EIO));
+    assert_eq!(fx.fs.write_error(ino), Ok(()), "reported once");
     assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
     let data = new.clone();
     fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();

@@ -110,6 +110,19 @@ impl Fuse {
         let fs = self.fs.clone();
         self.rt.spawn(async move { f(fs).await });
     }
+
+    /// Runs `f`, which changes metadata, as a task on the metadata group's
+    /// own thread ([`blobfs::fs::MetaRaft::runtime`]): its command then
+    /// reaches the group and its reply comes back without waking another
+    /// thread.
+    fn spawn_meta<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<FileSystem>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fs = self.fs.clone();
+        self.fs.meta().runtime().spawn(async move { f(fs).await });
+    }
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -260,11 +273,13 @@ impl Filesystem for Fuse {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.spawn(move |fs| async move {
-            if let Err(e) = fs.forgotten(ino.0, nlookup).await {
-                tracing::error!("reclaiming inode {} after the kernel forgot it: {e}", ino.0);
-            }
-        });
+        if self.fs.forget_lookups(ino.0, nlookup) {
+            self.spawn_meta(move |fs| async move {
+                if let Err(e) = fs.reclaim_if(true, ino.0).await {
+                    tracing::error!("reclaiming inode {} after the kernel forgot it: {e}", ino.0);
+                }
+            });
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -310,7 +325,7 @@ impl Filesystem for Fuse {
             btime: crtime.map(time_of),
             tail: None,
         };
-        self.spawn(move |fs| async move {
+        self.spawn_meta(move |fs| async move {
             match fs.setattr(ino.0, set, now()).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
@@ -337,22 +352,22 @@ impl Filesystem for Fuse {
             rdev,
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
+        self.spawn_meta(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let cmd = Cmd::Mkdir { parent: parent.0, name: name_of(name), perm: mode & !umask & 0o7777, by: creator(req) };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
+        self.spawn_meta(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let cmd = Cmd::Unlink { parent: parent.0, name: name_of(name), now: now() };
-        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+        self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let cmd = Cmd::Rmdir { parent: parent.0, name: name_of(name), now: now() };
-        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+        self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
@@ -362,7 +377,7 @@ impl Filesystem for Fuse {
             target: target.as_os_str().as_bytes().to_vec(),
             by: creator(req),
         };
-        self.spawn(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
+        self.spawn_meta(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
     fn rename(
@@ -392,12 +407,12 @@ impl Filesystem for Fuse {
             mode,
             now: now(),
         };
-        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+        self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let cmd = Cmd::Link { ino: ino.0, parent: newparent.0, name: name_of(newname), now: now() };
-        self.spawn(move |fs| async move {
+        self.spawn_meta(move |fs| async move {
             // The reply holds the file's attributes.
             fs.settle(ino.0).await;
             reply_entry(&fs, reply, fs.apply(cmd).await, false)
@@ -436,7 +451,7 @@ impl Filesystem for Fuse {
             rdev: 0,
             by: creator(req),
         };
-        self.spawn(move |fs| async move {
+        self.spawn_meta(move |fs| async move {
             match fs.apply(cmd).await {
                 Ok(Reply::Entry(a)) => {
                     fs.looked_up(a.ino);
@@ -480,10 +495,17 @@ impl Filesystem for Fuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
-        // Buffered writes go behind their replies; O_DIRECT and O_[D]SYNC
-        // ones are answered when done.
+        // Buffered writes go behind their replies, staged from this thread
+        // where they need not wait; O_DIRECT and O_[D]SYNC ones are
+        // answered when done.
         let behind = flags.0 & (libc::O_DIRECT | libc::O_DSYNC) == 0;
+        if behind && let Some(r) = self.fs.try_write_behind(ino.0, offset, data, now(), &self.rt) {
+            return match r {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(e)),
+            };
+        }
+        let data = data.to_vec();
         self.spawn(move |fs| async move {
             let written = match behind {
                 true => fs.write_behind(ino.0, offset, &data, now()).await,
@@ -510,10 +532,10 @@ impl Filesystem for Fuse {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        if !self.fs.writing(ino.0) && !self.fs.write_failed(ino.0) {
-            return reply.ok();
-        }
-        self.spawn(move |fs| async move { reply_empty(reply, fs.flush(ino.0).await) });
+        // Flush-behind: a close does not wait for the file's writes still
+        // behind (whatever reads the file settles them first, and fsync
+        // waits for them); it reports an error one of them has met.
+        reply_empty(reply, self.fs.write_error(ino.0))
     }
 
     fn release(
@@ -526,10 +548,10 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move {
-            fs.settle(ino.0).await;
-            reply_empty(reply, fs.released(ino.0).await)
-        });
+        match self.fs.release_handle(ino.0) {
+            false => reply.ok(),
+            true => self.spawn_meta(move |fs| async move { reply_empty(reply, fs.reclaim_if(true, ino.0).await) }),
+        }
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -593,7 +615,7 @@ impl Filesystem for Fuse {
             _ => return reply.error(fuser::Errno::EINVAL),
         };
         let cmd = Cmd::SetXattr { ino: ino.0, name: name_of(name), value: value.to_vec(), mode, now: now() };
-        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+        self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -625,6 +647,6 @@ impl Filesystem for Fuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let cmd = Cmd::RemoveXattr { ino: ino.0, name: name_of(name), now: now() };
-        self.spawn(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
+        self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 }

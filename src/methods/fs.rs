@@ -381,7 +381,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
     let a = app.clone();
     m.add(
         "fs_get_stats",
-        "Per mounted file system: inodes, bytes of file data, free and total space, chunk size.",
+        "Per mounted file system: inodes, bytes of file data, free and total space, chunk size, and data-reduction statistics (`reduce`: logical and stored bytes, ratios, garbage collection).",
         Allowed::Always,
         move |_: Value| {
             let stats = a.fs.per_mount(|m| {

@@ -15,8 +15,9 @@
 //!   ([`FileSystem::writing`] is the cheap test for whether it must).
 //! - Space is allocated before the reply, so ENOSPC is the write's own
 //!   error. A device or metadata error after the reply is kept for the
-//!   file and returned by its next `flush` (close) or `fsync`, as the
-//!   kernel reports writeback errors.
+//!   file and returned by its next `fsync`, or by a close that comes after
+//!   it ([`FileSystem::write_error`]: a close does not wait for writes
+//!   behind), as the kernel reports writeback errors.
 //! - Near the end of the store's space, and for reduced files, writes go
 //!   through as before.
 //! - At most [`BUDGET`] bytes are behind at once; beyond it a write waits.
@@ -24,10 +25,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, Semaphore, oneshot};
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::files::FileSystem;
+use super::files::{FileSystem, Staged};
 use super::{Cmd, Errno, Ino, Time};
+use crate::format::PAGE_SIZE;
+
+const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Bytes of writes that may be behind their replies at once.
 pub const BUDGET: usize = 64 << 20;
@@ -114,18 +119,90 @@ impl FileSystem {
     /// finishes behind (the module's description says what that promises).
     pub async fn write_behind(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], now: Time) -> Result<(), Errno> {
         let end = write_end(offset, data)?;
-        let through =
-            data.is_empty() || self.data.metadata_space_tight() || self.meta.read(|s| s.reduce_policy(ino))?.is_some();
-        if through {
+        if self.writes_through(ino, data)? {
             return self.write(ino, offset, data, now).await.map(drop);
         }
-        let pages = data.len().div_ceil(4096).min(BUDGET / 4096) as u32;
-        let permits = self.behind.budget.clone().acquire_many_owned(pages).await.expect("the budget is never closed");
+        let permits = self
+            .behind
+            .budget
+            .clone()
+            .acquire_many_owned(budget_pages(data))
+            .await
+            .expect("the budget is never closed");
         let (held, staged) = self.stage_write(ino, offset, data, false).await?;
+        self.go_behind(Behind1 { ino, offset, end, now, held, staged, back: Vec::new(), permits }, &Handle::current());
+        Ok(())
+    }
+
+    /// [`FileSystem::write_behind`] without waiting, for a caller that is
+    /// not a task (FUSE's request threads): the bytes go straight from
+    /// `data` into DMA memory, and the rest is spawned on `rt`. `None` if
+    /// that would mean waiting: for the file's lock, for the budget, for a
+    /// read of the other bytes of a unit the write covers in part, or for
+    /// space a delete is letting go of; nothing was done then.
+    pub fn try_write_behind(
+        self: &Arc<Self>,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        now: Time,
+        rt: &Handle,
+    ) -> Option<Result<(), Errno>> {
+        let end = match write_end(offset, data) {
+            Ok(end) => end,
+            Err(e) => return Some(Err(e)),
+        };
+        let unit = self.chunk_size;
+        match self.writes_through(ino, data) {
+            _ if offset % unit != 0 || end % unit != 0 => return None,
+            Ok(false) => {}
+            Ok(true) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        let permits = self.behind.budget.clone().try_acquire_many_owned(budget_pages(data)).ok()?;
+        let held = Held::Shared(self.writer(ino).try_read_owned().ok()?);
+        if let Err(e) = self.file_size(ino, Errno::EINVAL) {
+            return Some(Err(e));
+        }
+        let new = offset..end;
+        let (runs, back) = match self.data.take((end - offset) / PAGE, unit / PAGE) {
+            Ok(taken) => taken,
+            Err(Errno::ENOSPC) if self.data.frees_waiting() => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut staged = Vec::with_capacity(runs.len());
+        let mut at = offset;
+        for &run in &runs {
+            match super::files::fresh_buf(at, &new, data, run) {
+                Ok(buf) => staged.push(Staged { unit: at / unit, run, buf }),
+                Err(e) => {
+                    self.data.free(runs);
+                    return Some(Err(e));
+                }
+            }
+            at += u64::from(run.pages) * PAGE;
+        }
+        self.go_behind(Behind1 { ino, offset, end, now, held, staged, back, permits }, rt);
+        Some(Ok(()))
+    }
+
+    /// Whether a write of `data` to `ino` goes through rather than behind:
+    /// an empty one, one to a reduced file, and every write near the end of
+    /// the store's space.
+    fn writes_through(&self, ino: Ino, data: &[u8]) -> Result<bool, Errno> {
+        Ok(data.is_empty() || self.data.metadata_space_tight() || self.meta.read(|s| s.reduce_policy(ino))?.is_some())
+    }
+
+    /// Counts a staged write as behind and spawns the rest on `rt`: backing
+    /// the pool clusters it needs, the device writes, then (after the
+    /// file's previous write behind) the command that maps its pages.
+    fn go_behind(self: &Arc<Self>, w: Behind1, rt: &Handle) {
+        let Behind1 { ino, offset, end, now, held, staged, back, permits } = w;
         let (previous, done) = self.behind.start(ino);
         let fs = self.clone();
-        tokio::spawn(async move {
+        rt.spawn(async move {
             let result = async {
+                fs.data.back(back).await;
                 let chunks = fs.write_staged(staged).await?;
                 if let Some(previous) = previous {
                     // Closed or dropped: either way it is done.
@@ -136,13 +213,12 @@ impl FileSystem {
             .await;
             if let Err(e) = result {
                 tracing::error!(
-                    "a write behind of inode {ino} at offset {offset} failed: {e}; flush and fsync report it"
+                    "a write behind of inode {ino} at offset {offset} failed: {e}; fsync or the next close reports it"
                 );
             }
             fs.behind.end(ino, result.map(drop));
             drop((done, held, permits));
         });
-        Ok(())
     }
 
     /// Whether writes of `ino` are still finishing behind their replies:
@@ -165,12 +241,6 @@ impl FileSystem {
         self.meta.read(|s| s.getattr(ino).cloned())
     }
 
-    /// Whether a write behind of `ino` failed after its reply (and its
-    /// next flush or fsync has yet to say so).
-    pub fn write_failed(&self, ino: Ino) -> bool {
-        self.behind.files().get(&ino).is_some_and(|f| f.error.is_some())
-    }
-
     /// Waits for the writes of every file ([`FileSystem::settle`]).
     pub(super) async fn settle_all(&self) {
         for ino in self.behind.inodes() {
@@ -178,10 +248,17 @@ impl FileSystem {
         }
     }
 
-    /// What `close` asks of `ino`: its writes settled, and the error one of
-    /// them met after its reply, if any (returned once).
+    /// `ino`'s writes settled, and the error one of them met after its
+    /// reply, if any (returned once).
     pub async fn flush(&self, ino: Ino) -> Result<(), Errno> {
         self.settle(ino).await;
+        self.write_error(ino)
+    }
+
+    /// The error a write behind of `ino` met after its reply, if one has
+    /// (returned once), without waiting for the writes still behind: what
+    /// `close` reports (flush-behind).
+    pub fn write_error(&self, ino: Ino) -> Result<(), Errno> {
         self.behind.take_error(ino).map_or(Ok(()), Err)
     }
 
@@ -191,6 +268,24 @@ impl FileSystem {
         self.sync().await?;
         flushed
     }
+}
+
+/// A staged write on its way behind ([`FileSystem::go_behind`]).
+struct Behind1 {
+    ino: Ino,
+    offset: u64,
+    end: u64,
+    now: Time,
+    held: Held,
+    staged: Vec<Staged>,
+    /// Pool clusters to back before the device writes.
+    back: Vec<u64>,
+    permits: OwnedSemaphorePermit,
+}
+
+/// Permits (4 KiB each) a write of `data` takes from the budget.
+fn budget_pages(data: &[u8]) -> u32 {
+    data.len().div_ceil(4096).min(BUDGET / 4096) as u32
 }
 
 /// Where a write of `data` at `offset` ends; EFBIG past the largest file.

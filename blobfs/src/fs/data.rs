@@ -297,17 +297,24 @@ impl DataPool {
     /// waits for one record per [`BACK_AHEAD`] bytes, not one per cluster.
     pub async fn alloc(&self, pages: u64, unit: u64) -> Result<Vec<ChunkRef>, Errno> {
         let (runs, back) = self.take(pages, unit)?;
-        if !back.is_empty()
-            && let Err(e) = self.store.allocate_clusters(self.blob.id(), back).await
+        self.back(back).await;
+        Ok(runs)
+    }
+
+    /// Backs the pool clusters [`DataPool::take`] named, ahead of the
+    /// writes into them.
+    pub(super) async fn back(&self, clusters: Vec<u64>) {
+        if !clusters.is_empty()
+            && let Err(e) = self.store.allocate_clusters(self.blob.id(), clusters).await
         {
             // The writes ask for their own clusters again, and fail if the store cannot give them.
             tracing::debug!("backing data pool clusters ahead of writes failed: {e}");
         }
-        Ok(runs)
     }
 
-    /// The runs of [`DataPool::alloc`], and the pool clusters to back.
-    fn take(&self, pages: u64, unit: u64) -> Result<(Vec<ChunkRef>, Vec<u64>), Errno> {
+    /// The runs of [`DataPool::alloc`], and the pool clusters to back
+    /// ([`DataPool::back`]) before writing them.
+    pub(super) fn take(&self, pages: u64, unit: u64) -> Result<(Vec<ChunkRef>, Vec<u64>), Errno> {
         let mut a = self.lock();
         let mut runs = Vec::new();
         let mut back = Vec::new();

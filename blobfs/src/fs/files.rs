@@ -26,7 +26,7 @@ pub struct FileSystem {
     pub(super) data: DataPool,
     /// Keys and garbage collection of reduced files.
     pub(super) reduction: super::reduce_io::Reduction,
-    chunk_size: u64,
+    pub(super) chunk_size: u64,
     /// Per file: held shared by writes of whole units, alone by everything
     /// that reads what it rewrites (see [`FileSystem::write`]).
     writers: Mutex<HashMap<Ino, Arc<tokio::sync::RwLock<()>>>>,
@@ -218,7 +218,14 @@ impl FileSystem {
 
     /// Drops an open handle; the last hold of an unlinked inode frees it.
     pub async fn released(&self, ino: Ino) -> Result<(), Errno> {
-        self.unhold(ino, |r| r.open = r.open.saturating_sub(1)).await
+        self.reclaim_if(self.release_handle(ino), ino).await
+    }
+
+    /// Drops an open handle of `ino` at once. Returns whether that was the
+    /// last hold of an unlinked inode, which [`FileSystem::reclaim_if`]
+    /// then frees.
+    pub fn release_handle(&self, ino: Ino) -> bool {
+        self.unhold(ino, |r| r.open = r.open.saturating_sub(1))
     }
 
     /// Records that a client (the kernel, for FUSE) was handed `ino` by a
@@ -228,32 +235,38 @@ impl FileSystem {
         self.refs().entry(ino).or_default().lookups += 1;
     }
 
-    /// The client forgets `n` lookups of `ino`; the last hold of an
-    /// unlinked inode frees it.
-    pub async fn forgotten(&self, ino: Ino, n: u64) -> Result<(), Errno> {
-        self.unhold(ino, |r| r.lookups = r.lookups.saturating_sub(n)).await
+    /// The client forgets `n` lookups of `ino` at once. Returns whether
+    /// that was the last hold of an unlinked inode, which
+    /// [`FileSystem::reclaim_if`] then frees.
+    pub fn forget_lookups(&self, ino: Ino, n: u64) -> bool {
+        self.unhold(ino, |r| r.lookups = r.lookups.saturating_sub(n))
     }
 
-    /// Lets go of a hold on `ino` (`release` lowers its counts); the last
-    /// hold of an unlinked inode frees it.
-    async fn unhold(&self, ino: Ino, release: impl FnOnce(&mut Refs)) -> Result<(), Errno> {
-        let last = {
-            let mut refs = self.refs();
-            let Some(r) = refs.get_mut(&ino) else { return Ok(()) };
-            release(r);
-            let last = r.open == 0 && r.lookups == 0;
-            if last {
-                refs.remove(&ino);
-            }
-            last
-        };
-        if last {
-            self.forget_writer(ino);
-            if self.meta.read(|s| s.getattr(ino).is_ok_and(|a| a.nlink == 0)) {
-                self.reclaim(vec![ino]).await?;
-            }
+    /// Frees `ino`, an unlinked inode nobody holds any more, if `unheld`
+    /// (what [`FileSystem::release_handle`] and
+    /// [`FileSystem::forget_lookups`] return).
+    pub async fn reclaim_if(&self, unheld: bool, ino: Ino) -> Result<(), Errno> {
+        if !unheld {
+            return Ok(());
         }
-        Ok(())
+        self.settle(ino).await;
+        self.reclaim(vec![ino]).await
+    }
+
+    /// Lets go of a hold on `ino` (`release` lowers its counts): whether it
+    /// was the last hold of an unlinked inode.
+    fn unhold(&self, ino: Ino, release: impl FnOnce(&mut Refs)) -> bool {
+        {
+            let mut refs = self.refs();
+            let Some(r) = refs.get_mut(&ino) else { return false };
+            release(r);
+            if r.open != 0 || r.lookups != 0 {
+                return false;
+            }
+            refs.remove(&ino);
+        }
+        self.forget_writer(ino);
+        self.meta.read(|s| s.getattr(ino).is_ok_and(|a| a.nlink == 0))
     }
 
     /// The lock of `ino`'s data.
@@ -372,7 +385,7 @@ impl FileSystem {
 
     /// A regular file's size; a directory is EISDIR, anything else
     /// `not_a_file`.
-    fn file_size(&self, ino: Ino, not_a_file: Errno) -> Result<u64, Errno> {
+    pub(super) fn file_size(&self, ino: Ino, not_a_file: Errno) -> Result<u64, Errno> {
         self.meta.read(|s| {
             let a = s.getattr(ino)?;
             match a.kind {
@@ -463,22 +476,13 @@ impl FileSystem {
         run: ChunkRef,
     ) -> Result<pmd::DmaBuf, Errno> {
         let end = at + u64::from(run.pages) * PAGE;
-        let mut buf = pmd::DmaBuf::new((end - at) as usize).map_err(|e| {
-            tracing::error!("no DMA memory for a write of {} pages: {e}", run.pages);
-            Errno::EIO
-        })?;
         let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
-        let (old, fresh) = ([at..a, b..end], a..b);
-        for part in old.into_iter().filter(|p| !p.is_empty()) {
+        let mut buf = fresh_buf(at, new, data, run)?;
+        for part in [at..a, b..end].into_iter().filter(|p| !p.is_empty()) {
             let bytes = &mut buf[(part.start - at) as usize..(part.end - at) as usize];
             bytes.fill(0);
             self.read_into(ino, part.start, bytes).await?;
         }
-        let bytes = &mut buf[(fresh.start - at) as usize..(fresh.end - at) as usize];
-        let src = data.get((fresh.start - new.start) as usize..).unwrap_or_default();
-        let n = src.len().min(bytes.len());
-        bytes[..n].copy_from_slice(&src[..n]);
-        bytes[n..].fill(0);
         Ok(buf)
     }
 
@@ -628,9 +632,28 @@ impl FileSystem {
 /// New pages of a file, their contents ready to be written.
 pub(super) struct Staged {
     /// The file's unit the run starts at.
-    unit: u64,
-    run: ChunkRef,
-    buf: pmd::DmaBuf,
+    pub(super) unit: u64,
+    pub(super) run: ChunkRef,
+    pub(super) buf: pmd::DmaBuf,
+}
+
+/// A buffer for `run`, which holds the file's bytes from `at` on, with the
+/// part of `data` that falls in it (`data` goes at `new.start`, zeros
+/// after it up to `new.end`); the rest of the buffer is left for the
+/// caller.
+pub(super) fn fresh_buf(at: u64, new: &std::ops::Range<u64>, data: &[u8], run: ChunkRef) -> Result<pmd::DmaBuf, Errno> {
+    let end = at + u64::from(run.pages) * PAGE;
+    let mut buf = pmd::DmaBuf::new((end - at) as usize).map_err(|e| {
+        tracing::error!("no DMA memory for a write of {} pages: {e}", run.pages);
+        Errno::EIO
+    })?;
+    let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
+    let bytes = &mut buf[(a - at) as usize..(b - at) as usize];
+    let src = data.get((a - new.start) as usize..).unwrap_or_default();
+    let n = src.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&src[..n]);
+    bytes[n..].fill(0);
+    Ok(buf)
 }
 
 /// What clients hold of an inode.

@@ -673,13 +673,13 @@ fn encode_chunks(
 ) -> Result<Vec<(ChunkHash, Vec<u8>)>, ReduceError> {
     let bytes: usize = chunks.iter().map(|(r, _)| r.len()).sum();
     let threads = if bytes >= PARALLEL_FROM { crate::reduce::default_threads().min(chunks.len()).max(1) } else { 1 };
+    // One codec per thread (a Zstd context is costly to make); the chunks
+    // were hashed when they were looked up in the index.
     let encode = |part: &[(std::ops::Range<usize>, ChunkHash)]| {
+        let mut codec = crate::reduce::compress::Codec::default();
         part.iter()
             .map(|(r, h)| {
-                crate::reduce::encode_chunk(policy, keys, &buf[r.clone()]).map(|(hash, f)| {
-                    debug_assert_eq!(hash, *h);
-                    (hash, f)
-                })
+                crate::reduce::frame::encode_hashed(&mut codec, policy, keys, &buf[r.clone()], *h).map(|f| (*h, f))
             })
             .collect::<Result<Vec<_>, _>>()
     };

@@ -149,6 +149,20 @@ pub(crate) fn encode_with(
         return Err(ReduceError::ChunkTooLarge { len: plaintext.len(), max: MAX_CHUNK_SIZE });
     }
     let hash = keys.hash(policy.encrypt, plaintext)?;
+    encode_hashed(codec, policy, keys, plaintext, hash).map(|frame| (hash, frame))
+}
+
+/// [`encode_with`] of a chunk whose hash the caller has already taken
+/// (`keys.hash(policy.encrypt, plaintext)`, at most [`MAX_CHUNK_SIZE`]
+/// bytes): the frame.
+pub(crate) fn encode_hashed(
+    codec: &mut Codec,
+    policy: &ReducePolicy,
+    keys: &ScopeKeys,
+    plaintext: &[u8],
+    hash: ChunkHash,
+) -> Result<Vec<u8>, ReduceError> {
+    debug_assert!(plaintext.len() <= MAX_CHUNK_SIZE);
     let (encoding, stored) = codec.compress(policy.compression, plaintext);
     // Both lengths fit in u32: at most MAX_CHUNK_SIZE.
     let header = FrameHeader {
@@ -180,7 +194,7 @@ pub(crate) fn encode_with(
         let c = crc(head, body);
         head[CRC_AT..].copy_from_slice(&c.to_le_bytes());
     }
-    Ok((hash, frame))
+    Ok(frame)
 }
 
 /// Decodes a frame (untrusted bytes) of chunk `expected`: checks the header,

@@ -64,6 +64,9 @@ pub const ROTATE_MIN: u64 = 2048;
 /// it (see [`Writer::run`]).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Most records written as one batch.
+const MAX_BATCH: usize = 1024;
+
 /// When an append counts as durable for Raft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -215,7 +218,12 @@ impl LogStore {
         let bytes = record.encode()?;
         inner.queued += 1;
         let n = inner.queued;
+        let waits = flushed.is_some();
         self.queue.send(Job { bytes, flushed }).map_err(|_| write_err(std::io::Error::other("log writer stopped")))?;
+        if waits {
+            // Its caller waits for the flush: no lingering.
+            self.urgent.notify_one();
+        }
         Ok(n)
     }
 
@@ -284,21 +292,27 @@ impl Writer {
                     biased;
                     () = self.urgent.notified() => due = true,
                     () = tokio::time::sleep_until(since + LINGER) => due = true,
-                    n = jobs.recv_many(&mut batch, 1024) => due = n == 0, // closed: flush what is left
+                    n = jobs.recv_many(&mut batch, MAX_BATCH) => due = n == 0, // closed: flush what is left
                 }
             } else {
-                jobs.recv_many(&mut batch, 1024).await;
+                jobs.recv_many(&mut batch, MAX_BATCH).await;
             }
             // Unless someone waits for them, more records join these for up
-            // to LINGER, so that one flush serves the lot.
-            let deadline = tokio::time::Instant::now() + LINGER;
+            // to LINGER, so that one flush serves the lot. The writer sleeps
+            // through that time and then takes what queued, rather than
+            // waking for each record (a wake-up costs more than a command).
             let mut urgent = due || !waiting.is_empty() || batch.iter().any(|job| job.flushed.is_some());
-            while !batch.is_empty() && !urgent && batch.len() < 1024 {
+            if !batch.is_empty() && !urgent {
                 tokio::select! {
                     biased;
                     () = self.urgent.notified() => urgent = true,
-                    () = tokio::time::sleep_until(deadline) => break,
-                    n = jobs.recv_many(&mut batch, 1024) => if n == 0 { break },
+                    () = tokio::time::sleep(LINGER) => {}
+                }
+                while batch.len() < MAX_BATCH
+                    && let Ok(job) = jobs.try_recv()
+                {
+                    urgent |= job.flushed.is_some();
+                    batch.push(job);
                 }
             }
             // One flush makes the file data written so far durable before

@@ -88,6 +88,40 @@ pub struct MetaRaft {
     log: LogStore,
     /// The log blob, open until [`MetaRaft::shutdown`].
     log_blob: Arc<super::HeldBlob>,
+    /// Where the group's tasks run.
+    thread: Arc<MetaThread>,
+}
+
+/// A thread of its own for the group's tasks (openraft's core and state
+/// machine worker), on a single-threaded runtime. A command passes from
+/// its proposer to the core, to the state machine and back: on one thread
+/// those hand-offs are queue pushes, where on a pool each could be a
+/// wake-up of another thread. Proposers that run here too
+/// ([`MetaRaft::runtime`]) add none.
+struct MetaThread {
+    handle: tokio::runtime::Handle,
+    /// Dropped to stop the thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl MetaThread {
+    fn start() -> Result<MetaThread, BlobError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BlobError::MetaGroup(format!("starting the metadata runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("claudefs-meta".into())
+            .spawn(move || {
+                // Runs until every `MetaRaft` is gone; the tasks left then
+                // (a stopped group's) are dropped with the runtime.
+                let _ = rt.block_on(stopped);
+            })
+            .map_err(|e| BlobError::MetaGroup(format!("starting the metadata thread: {e}")))?;
+        Ok(MetaThread { handle, _stop: stop })
+    }
 }
 
 impl MetaRaft {
@@ -148,14 +182,19 @@ impl MetaRaft {
         };
         let config = Arc::new(config.validate().map_err(|e| BlobError::MetaGroup(e.to_string()))?);
         let state = sm.state.clone();
-        let raft = Raft::new(NODE, config, NoPeers, log.clone(), sm)
+        let thread = Arc::new(MetaThread::start()?);
+        let log_store = log.clone();
+        let raft = thread
+            .handle
+            .spawn(async move { Raft::new(NODE, config, NoPeers, log_store, sm).await })
             .await
+            .map_err(|e| BlobError::MetaGroup(format!("starting the metadata group: {e}")))?
             .map_err(|e| BlobError::MetaGroup(format!("starting the metadata group: {e}")))?;
         let members = BTreeMap::from([(NODE, BasicNode::default())]);
         if fresh || log.last_index().is_none() {
             raft.initialize(members).await.map_err(|e| BlobError::MetaGroup(format!("initializing: {e}")))?;
         }
-        let me = MetaRaft { raft, state, log, log_blob: held };
+        let me = MetaRaft { raft, state, log, log_blob: held, thread };
         me.catch_up().await?;
         Ok(me)
     }
@@ -178,6 +217,12 @@ impl MetaRaft {
                 .map_err(|e| BlobError::MetaGroup(format!("replaying the metadata log: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The runtime of the group's tasks: a task that proposes commands
+    /// runs best here ([`MetaThread`]).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.thread.handle
     }
 
     /// Proposes a command and returns its reply once it is applied.
