@@ -124,7 +124,7 @@ impl Up {
         let status = self.child.wait().unwrap();
         let log = self.log.all();
         assert!(status.success(), "up exited with {status}: {log}");
-        assert!(!mounted(&self.mount), "still mounted after down");
+        assert!(!mounted(&self.mount), "still mounted after down: {log}");
         assert!(log.contains("blobstore unloaded"), "no clean unload: {log}");
     }
 

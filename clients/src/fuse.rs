@@ -275,7 +275,7 @@ impl Filesystem for Fuse {
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if self.fs.forget_lookups(ino.0, nlookup) {
             self.spawn_meta(move |fs| async move {
-                if let Err(e) = fs.reclaim_if(true, ino.0).await {
+                if let Err(e) = fs.reclaim_unheld(ino.0).await {
                     tracing::error!("reclaiming inode {} after the kernel forgot it: {e}", ino.0);
                 }
             });
@@ -550,7 +550,7 @@ impl Filesystem for Fuse {
     ) {
         match self.fs.release_handle(ino.0) {
             false => reply.ok(),
-            true => self.spawn_meta(move |fs| async move { reply_empty(reply, fs.reclaim_if(true, ino.0).await) }),
+            true => self.spawn_meta(move |fs| async move { reply_empty(reply, fs.reclaim_unheld(ino.0).await) }),
         }
     }
 

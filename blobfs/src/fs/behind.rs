@@ -130,7 +130,10 @@ impl FileSystem {
             .await
             .expect("the budget is never closed");
         let (held, staged) = self.stage_write(ino, offset, data, false).await?;
-        self.go_behind(Behind1 { ino, offset, end, now, held, staged, back: Vec::new(), permits }, &Handle::current());
+        self.go_behind(
+            StagedWrite { ino, offset, end, now, held, staged, back: Vec::new(), permits },
+            &Handle::current(),
+        );
         Ok(())
     }
 
@@ -182,7 +185,7 @@ impl FileSystem {
             }
             at += u64::from(run.pages) * PAGE;
         }
-        self.go_behind(Behind1 { ino, offset, end, now, held, staged, back, permits }, rt);
+        self.go_behind(StagedWrite { ino, offset, end, now, held, staged, back, permits }, rt);
         Some(Ok(()))
     }
 
@@ -196,8 +199,8 @@ impl FileSystem {
     /// Counts a staged write as behind and spawns the rest on `rt`: backing
     /// the pool clusters it needs, the device writes, then (after the
     /// file's previous write behind) the command that maps its pages.
-    fn go_behind(self: &Arc<Self>, w: Behind1, rt: &Handle) {
-        let Behind1 { ino, offset, end, now, held, staged, back, permits } = w;
+    fn go_behind(self: &Arc<Self>, w: StagedWrite, rt: &Handle) {
+        let StagedWrite { ino, offset, end, now, held, staged, back, permits } = w;
         let (previous, done) = self.behind.start(ino);
         let fs = self.clone();
         rt.spawn(async move {
@@ -271,7 +274,7 @@ impl FileSystem {
 }
 
 /// A staged write on its way behind ([`FileSystem::go_behind`]).
-struct Behind1 {
+struct StagedWrite {
     ino: Ino,
     offset: u64,
     end: u64,

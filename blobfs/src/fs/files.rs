@@ -218,12 +218,12 @@ impl FileSystem {
 
     /// Drops an open handle; the last hold of an unlinked inode frees it.
     pub async fn released(&self, ino: Ino) -> Result<(), Errno> {
-        self.reclaim_if(self.release_handle(ino), ino).await
+        if self.release_handle(ino) { self.reclaim_unheld(ino).await } else { Ok(()) }
     }
 
     /// Drops an open handle of `ino` at once. Returns whether that was the
-    /// last hold of an unlinked inode, which [`FileSystem::reclaim_if`]
-    /// then frees.
+    /// last hold of an unlinked inode, which
+    /// [`FileSystem::reclaim_unheld`] then frees.
     pub fn release_handle(&self, ino: Ino) -> bool {
         self.unhold(ino, |r| r.open = r.open.saturating_sub(1))
     }
@@ -237,18 +237,15 @@ impl FileSystem {
 
     /// The client forgets `n` lookups of `ino` at once. Returns whether
     /// that was the last hold of an unlinked inode, which
-    /// [`FileSystem::reclaim_if`] then frees.
+    /// [`FileSystem::reclaim_unheld`] then frees.
     pub fn forget_lookups(&self, ino: Ino, n: u64) -> bool {
         self.unhold(ino, |r| r.lookups = r.lookups.saturating_sub(n))
     }
 
-    /// Frees `ino`, an unlinked inode nobody holds any more, if `unheld`
-    /// (what [`FileSystem::release_handle`] and
-    /// [`FileSystem::forget_lookups`] return).
-    pub async fn reclaim_if(&self, unheld: bool, ino: Ino) -> Result<(), Errno> {
-        if !unheld {
-            return Ok(());
-        }
+    /// Frees `ino`, an unlinked inode nobody holds any more (what
+    /// [`FileSystem::release_handle`] and [`FileSystem::forget_lookups`]
+    /// say), once its writes behind are done.
+    pub async fn reclaim_unheld(&self, ino: Ino) -> Result<(), Errno> {
         self.settle(ino).await;
         self.reclaim(vec![ino]).await
     }
