@@ -1,9 +1,12 @@
 //! The FUSE gateway: the kernel's requests answered from a [`FileSystem`].
 //!
-//! fuser's worker threads decode requests; metadata reads are answered on
-//! the spot from the replicated state, and everything that changes state or
-//! touches data runs as a task on a tokio runtime that replies when done, so
-//! a slow request never holds a worker. Permissions are the kernel's job
+//! fuser's worker threads decode requests and answer on the spot what needs
+//! no waiting: metadata reads from the replicated state, closes, and
+//! buffered writes that can be staged at once. Metadata changes run as
+//! tasks on the metadata group's thread, the rest of the data path as tasks
+//! on a tokio runtime; each replies when done, so a slow request never
+//! holds a worker, and every hand-off to another thread is a wake-up that
+//! costs more than most commands (docs/PERFORMANCE.md). Permissions are the kernel's job
 //! (`default_permissions`). Attributes and entries are cached by the kernel
 //! for [`TTL`]: every change goes through this mount, which is the only
 //! client of a single-node file system, so what the kernel caches is what
