@@ -44,6 +44,13 @@ if [ "$rust_minor" -lt 85 ]; then
   exit 1
 fi
 
+# The plots need matplotlib in the python3 on PATH, which may not be
+# Debian's (a pyenv one, say) and then does not see python3-matplotlib.
+if [ "$step" = bench ] && ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
+  echo "hack/deps.sh: installing matplotlib for $(command -v python3)" >&2
+  python3 -m pip install --quiet matplotlib
+fi
+
 if [ "$step" = test ] && ! cargo nextest --version >/dev/null 2>&1; then
   echo "hack/deps.sh: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
