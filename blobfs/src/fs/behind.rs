@@ -156,8 +156,10 @@ impl FileSystem {
             Err(e) => return Some(Err(e)),
         };
         let unit = self.chunk_size;
+        if offset % unit != 0 || end % unit != 0 {
+            return None;
+        }
         match self.writes_through(ino, data) {
-            _ if offset % unit != 0 || end % unit != 0 => return None,
             Ok(false) => {}
             Ok(true) => return None,
             Err(e) => return Some(Err(e)),
@@ -167,24 +169,15 @@ impl FileSystem {
         if let Err(e) = self.file_size(ino, Errno::EINVAL) {
             return Some(Err(e));
         }
-        let new = offset..end;
         let (runs, back) = match self.data.take((end - offset) / PAGE, unit / PAGE) {
             Ok(taken) => taken,
             Err(Errno::ENOSPC) if self.data.frees_waiting() => return None,
             Err(e) => return Some(Err(e)),
         };
-        let mut staged = Vec::with_capacity(runs.len());
-        let mut at = offset;
-        for &run in &runs {
-            match super::files::fresh_buf(at, &new, data, run) {
-                Ok(buf) => staged.push(Staged { unit: at / unit, run, buf }),
-                Err(e) => {
-                    self.data.free(runs);
-                    return Some(Err(e));
-                }
-            }
-            at += u64::from(run.pages) * PAGE;
-        }
+        let staged = match self.stage_new(offset, &(offset..end), data, runs) {
+            Ok(staged) => staged,
+            Err(e) => return Some(Err(e)),
+        };
         self.go_behind(StagedWrite { ino, offset, end, now, held, staged, back, permits }, rt);
         Some(Ok(()))
     }

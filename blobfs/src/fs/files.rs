@@ -419,19 +419,54 @@ impl FileSystem {
         data: &[u8],
     ) -> Result<Vec<Staged>, Errno> {
         debug_assert!(from <= new.start && new.end <= to && data.len() as u64 <= new.end - new.start);
-        let (pages, up) = ((to - from).div_ceil(PAGE), self.chunk_size / PAGE);
-        let runs = self.alloc_pages(pages, up).await?;
-        let mut staged = Vec::with_capacity(runs.len());
-        let mut page = from / PAGE;
-        for (i, &run) in runs.iter().enumerate() {
-            match self.fill(ino, page * PAGE, &new, data, run).await {
-                Ok(buf) => staged.push(Staged { unit: page / up, run, buf }),
-                Err(e) => {
-                    self.data.free(runs[i..].iter().copied().chain(staged.into_iter().map(|s| s.run)));
+        let runs = self.alloc_pages((to - from).div_ceil(PAGE), self.chunk_size / PAGE).await?;
+        let mut staged = self.stage_new(from, &new, data, runs)?;
+        // What the file holds now in the rest of the runs.
+        for s in &mut staged {
+            let at = s.unit * self.chunk_size;
+            let end = at + u64::from(s.run.pages) * PAGE;
+            let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
+            for part in [at..a, b..end].into_iter().filter(|p| !p.is_empty()) {
+                let bytes = &mut s.buf[(part.start - at) as usize..(part.end - at) as usize];
+                bytes.fill(0);
+                if let Err(e) = self.read_into(ino, part.start, bytes).await {
+                    self.data.free(staged.iter().map(|s| s.run));
                     return Err(e);
                 }
             }
-            page += u64::from(run.pages);
+        }
+        Ok(staged)
+    }
+
+    /// Buffers for `runs` (whole units, holding the file's bytes from
+    /// `from` on) with `data` at `new.start` and zeros after it up to
+    /// `new.end`; the rest of each buffer is the caller's to fill. If DMA
+    /// memory runs out, the runs are free again.
+    pub(super) fn stage_new(
+        &self,
+        from: u64,
+        new: &std::ops::Range<u64>,
+        data: &[u8],
+        runs: Vec<ChunkRef>,
+    ) -> Result<Vec<Staged>, Errno> {
+        let mut staged = Vec::with_capacity(runs.len());
+        let mut at = from;
+        for &run in &runs {
+            let end = at + u64::from(run.pages) * PAGE;
+            let Ok(mut buf) = pmd::DmaBuf::new((end - at) as usize).inspect_err(|e| {
+                tracing::error!("no DMA memory for a write of {} pages: {e}", run.pages);
+            }) else {
+                self.data.free(runs);
+                return Err(Errno::EIO);
+            };
+            let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
+            let bytes = &mut buf[(a - at) as usize..(b - at) as usize];
+            let src = data.get((a - new.start) as usize..).unwrap_or_default();
+            let n = src.len().min(bytes.len());
+            bytes[..n].copy_from_slice(&src[..n]);
+            bytes[n..].fill(0);
+            staged.push(Staged { unit: at / self.chunk_size, run, buf });
+            at = end;
         }
         Ok(staged)
     }
@@ -459,28 +494,6 @@ impl FileSystem {
             }
             r => r,
         }
-    }
-
-    /// A buffer for `run`, to hold the file's bytes from `at` on as
-    /// [`FileSystem::rewrite`] describes: `data` at `new.start`, zeros in
-    /// the rest of `new`, what the file holds now elsewhere.
-    async fn fill(
-        &self,
-        ino: Ino,
-        at: u64,
-        new: &std::ops::Range<u64>,
-        data: &[u8],
-        run: ChunkRef,
-    ) -> Result<pmd::DmaBuf, Errno> {
-        let end = at + u64::from(run.pages) * PAGE;
-        let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
-        let mut buf = fresh_buf(at, new, data, run)?;
-        for part in [at..a, b..end].into_iter().filter(|p| !p.is_empty()) {
-            let bytes = &mut buf[(part.start - at) as usize..(part.end - at) as usize];
-            bytes.fill(0);
-            self.read_into(ino, part.start, bytes).await?;
-        }
-        Ok(buf)
     }
 
     /// Maps freshly written extents by the command `cmd` makes of them; if
@@ -629,28 +642,9 @@ impl FileSystem {
 /// New pages of a file, their contents ready to be written.
 pub(super) struct Staged {
     /// The file's unit the run starts at.
-    pub(super) unit: u64,
-    pub(super) run: ChunkRef,
-    pub(super) buf: pmd::DmaBuf,
-}
-
-/// A buffer for `run`, which holds the file's bytes from `at` on, with the
-/// part of `data` that falls in it (`data` goes at `new.start`, zeros
-/// after it up to `new.end`); the rest of the buffer is left for the
-/// caller.
-pub(super) fn fresh_buf(at: u64, new: &std::ops::Range<u64>, data: &[u8], run: ChunkRef) -> Result<pmd::DmaBuf, Errno> {
-    let end = at + u64::from(run.pages) * PAGE;
-    let mut buf = pmd::DmaBuf::new((end - at) as usize).map_err(|e| {
-        tracing::error!("no DMA memory for a write of {} pages: {e}", run.pages);
-        Errno::EIO
-    })?;
-    let (a, b) = (new.start.clamp(at, end), new.end.clamp(at, end));
-    let bytes = &mut buf[(a - at) as usize..(b - at) as usize];
-    let src = data.get((a - new.start) as usize..).unwrap_or_default();
-    let n = src.len().min(bytes.len());
-    bytes[..n].copy_from_slice(&src[..n]);
-    bytes[n..].fill(0);
-    Ok(buf)
+    unit: u64,
+    run: ChunkRef,
+    buf: pmd::DmaBuf,
 }
 
 /// What clients hold of an inode.
