@@ -406,3 +406,30 @@ fn awaited_requests_from_any_thread_and_polled_requests_share_a_channel() {
     let c = h.io(&ch, BlobIo::read(blob.shared(), 0, pmd::DmaBuf::new(PAGE).unwrap(), 1 << 63));
     assert_eq!(c.status, Err(IoError::Invalid));
 }
+
+#[test]
+fn the_state_is_whole_while_a_checkpoint_commits() {
+    // A 32-page journal passes half full every few records, so checkpoints
+    // run behind the commands. Checks in a row after each command land at
+    // every point of one, including while its super block is being written.
+    let (mut h, bdev) = Harness::with_malloc(1, 16, false);
+    let store = h.format(&bdev, CLUSTER, Some(32));
+    let s = store.clone();
+    let id = h.run(async move { s.create_blob(opts(1, false)).await }).unwrap();
+    for i in 0..100u32 {
+        let s = store.clone();
+        h.run(async move {
+            s.set_xattr(id, "n", &i.to_le_bytes()).await?;
+            s.sync_blob(id).await
+        })
+        .unwrap();
+        for _ in 0..10 {
+            let s = store.clone();
+            let problems = h.run(async move { s.check().await }).unwrap();
+            assert!(problems.is_empty(), "after command {i}: {problems:?}");
+        }
+    }
+    let s = store.clone();
+    let stats = h.run(async move { s.stats().await }).unwrap();
+    assert!(stats.ops.checkpoints >= 5, "checkpoints ran behind: {:?}", stats.ops);
+}

@@ -633,8 +633,6 @@ impl Engine {
                 super_blob: inner.durable.super_blob,
             };
             let mut bitmap = inner.durable.bitmap.clone();
-            // This checkpoint's clusters are in use (set below); the one before the
-            // previous is released when this one commits.
             let bytes_estimate =
                 encode_checkpoint(&header, bitmap.words(), g.num_clusters, inner.durable.blobs.values()).len();
             let pages = bytes_estimate.div_ceil(crate::format::PAYLOAD_LEN) as u64;
@@ -642,18 +640,8 @@ impl Engine {
             drop(inner);
             let clusters = self.reserve_run(n)?;
             let inner = self.inner.borrow();
-            for &(s, len) in &clusters {
-                for c in s..s + len {
-                    bitmap.set(c);
-                }
-            }
-            if let Some(old) = &inner.previous {
-                for &(s, len) in &old.extents {
-                    for c in s..s + len {
-                        bitmap.clear(c);
-                    }
-                }
-            }
+            // The bitmap as it will be once this checkpoint commits.
+            swap_checkpoint_bits(&mut bitmap, &clusters, inner.previous.as_ref(), true);
             let bytes = encode_checkpoint(&header, bitmap.words(), g.num_clusters, inner.durable.blobs.values());
             (bytes, clusters, generation, replay)
         };
@@ -675,33 +663,32 @@ impl Engine {
             return Err(e);
         }
         // Point the super block at the new checkpoint; on failure, back out.
+        // The durable bitmap changes in the same step as the references, so
+        // whoever looks while the super block is written (a check, the used
+        // count) sees a whole state. The dropped checkpoint's clusters stay
+        // reserved in the live bitmap until the super block no longer names it.
         let saved = {
             let mut inner = self.inner.borrow_mut();
             let saved = (inner.checkpoint.clone(), inner.previous.clone(), inner.replay);
             inner.previous = (generation > 1).then(|| std::mem::replace(&mut inner.checkpoint, new_ref.clone()));
             inner.checkpoint = new_ref.clone();
             inner.replay = replay;
+            swap_checkpoint_bits(&mut inner.durable.bitmap, &clusters, saved.1.as_ref(), true);
             saved
         };
         if let Err(e) = self.write_super(clean).await {
             let mut inner = self.inner.borrow_mut();
+            swap_checkpoint_bits(&mut inner.durable.bitmap, &clusters, saved.1.as_ref(), false);
             (inner.checkpoint, inner.previous, inner.replay) = saved;
             drop(inner);
             let flat: Vec<u64> = clusters.iter().flat_map(|&(s, n)| s..s + n).collect();
             self.unreserve(&flat);
             return Err(e);
         }
-        let dropped = saved.1;
         let mut inner = self.inner.borrow_mut();
-        for &(s, n) in &clusters {
-            for c in s..s + n {
-                inner.durable.bitmap.set(c);
-            }
-        }
-        if let Some(old) = dropped {
+        if let Some(old) = saved.1 {
             for &(s, n) in &old.extents {
                 for c in s..s + n {
-                    inner.durable.bitmap.clear(c);
                     inner.live_bitmap.clear(c);
                 }
             }
@@ -925,6 +912,21 @@ pub struct CheckReport {
     pub used_clusters: u64,
     /// Clusters in the store.
     pub total_clusters: u64,
+}
+
+/// Marks a new checkpoint's clusters in use and a dropped one's free
+/// (`commit`), or the reverse (backing out).
+fn swap_checkpoint_bits(bitmap: &mut Bitmap, new: &[(u64, u64)], dropped: Option<&CheckpointRef>, commit: bool) {
+    let dropped = dropped.map(|d| d.extents.as_slice()).unwrap_or_default();
+    for (&(s, n), in_use) in new.iter().map(|e| (e, commit)).chain(dropped.iter().map(|e| (e, !commit))) {
+        for c in s..s + n {
+            if in_use {
+                bitmap.set(c);
+            } else {
+                bitmap.clear(c);
+            }
+        }
+    }
 }
 
 impl Engine {
