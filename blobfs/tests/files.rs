@@ -154,6 +154,16 @@ impl Fx {
         self.h.run(self.rt.spawn(fut)).unwrap()
     }
 
+    /// An O_DIRECT write staged from this thread as FUSE's request threads
+    /// stage it: `None` if it would have to wait (nothing done), else its
+    /// answer, which comes from the reactor once the device has the bytes.
+    fn try_direct(&mut self, ino: Ino, offset: u64, data: &[u8]) -> Option<Result<(), Errno>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answer = move |r| tx.send(r).unwrap();
+        self.fs.try_write_direct(ino, offset, data, Time(9), self.rt.handle(), answer).ok()?;
+        Some(self.h.run(rx).unwrap())
+    }
+
     fn create(&mut self, name: &str) -> Ino {
         let cmd = Cmd::Mknod { parent: ROOT, name: name.into(), kind: FileKind::File, perm: 0o644, rdev: 0, by: BY };
         match self.run(|fs| Box::pin(async move { fs.apply(cmd).await })).unwrap() {
@@ -378,7 +388,7 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
     let ino = fx.create("f");
     let mut model = Vec::new();
     let mut rng = fastrand::Rng::with_seed(11);
-    let mut staged_now = 0;
+    let (mut staged_now, mut staged_direct) = (0, 0);
     for round in 0..6u64 {
         let mut writes = Vec::new();
         for i in 0..40 {
@@ -395,10 +405,15 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
             writes.push((offset, data));
         }
         // Every other write is staged from this thread where it need not
-        // wait (as FUSE's request threads do), the rest from a task.
+        // wait (as FUSE's request threads do), half of those as O_DIRECT
+        // ones (answered once written, mapped behind); the rest from a task.
         for (i, (offset, data)) in writes.into_iter().enumerate() {
-            let now = (i % 2 == 0).then(|| fx.fs.try_write_behind(ino, offset, &data, Time(9), fx.rt.handle()));
-            match now.flatten() {
+            let now = match i % 4 {
+                0 => fx.fs.try_write_behind(ino, offset, &data, Time(9), fx.rt.handle()),
+                2 => fx.try_direct(ino, offset, &data).inspect(|_| staged_direct += 1),
+                _ => None,
+            };
+            match now {
                 Some(r) => {
                     r.unwrap();
                     staged_now += 1;
@@ -417,7 +432,7 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
             model.truncate(size as usize);
         }
     }
-    assert!(staged_now > 0, "no write was staged without waiting");
+    assert!(staged_now > 0 && staged_direct > 0, "no write was staged without waiting: {staged_direct} direct");
     fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
     // Whatever was not flushed is lost.
     fx.power_cut(nvme::crash::PowerCutMode::Drop, 11);
@@ -442,6 +457,15 @@ fn writes_that_would_wait_are_left_to_a_task() {
     assert_eq!(fx.fs.try_write_behind(ino, 4096, &[3; 8192], Time(9), &rt), Some(Ok(())));
     let mut want = vec![2; 4096];
     want.extend([3; 8192]);
+    assert_eq!(fx.read(ino, 0, 20000), want);
+    // The same for O_DIRECT writes: the answer is handed back untouched.
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<Result<(), Errno>>();
+    let back = fx.fs.try_write_direct(ino, 100, &[1; 10], Time(9), &rt, move |r| tx.send(r).unwrap());
+    assert!(back.is_err() && rx.try_recv().is_err(), "part of a unit: nothing done, nothing answered");
+    assert_eq!(fx.try_direct(ROOT, 0, &[1; 4096]), Some(Err(Errno::EISDIR)));
+    assert_eq!(fx.try_direct(ino, u64::MAX - 4095, &[1; 4096]), Some(Err(Errno::EFBIG)));
+    assert_eq!(fx.try_direct(ino, 12288, &[4; 4096]), Some(Ok(())));
+    want.extend([4; 4096]);
     assert_eq!(fx.read(ino, 0, 20000), want);
 }
 
@@ -480,6 +504,12 @@ fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once(
     fx.run(move |fs| Box::pin(async move { fs.settle(ino).await }));
     assert_eq!(fx.fs.write_error(ino), Err(Errno::EIO));
     assert_eq!(fx.fs.write_error(ino), Ok(()), "reported once");
+    assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
+    // An O_DIRECT write's answer carries its device error; nothing is
+    // left for the next flush.
+    nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
+    assert_eq!(fx.try_direct(ino, 4096, &new), Some(Err(Errno::EIO)));
+    assert_eq!(flush(&mut fx), Ok(()), "the answer reported it");
     assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
     let data = new.clone();
     fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();

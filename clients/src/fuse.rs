@@ -2,9 +2,11 @@
 //!
 //! fuser's worker threads decode requests and answer on the spot what needs
 //! no waiting: metadata reads from the replicated state, closes, and
-//! buffered writes that can be staged at once. Metadata changes run as
-//! tasks on the metadata group's thread, the rest of the data path as tasks
-//! on a tokio runtime; each replies when done, so a slow request never
+//! buffered writes that can be staged at once. O_DIRECT writes that can be
+//! staged at once are answered by the reactor that writes them. Metadata
+//! changes, and the maps of writes behind, run as tasks on the metadata
+//! group's thread, the rest of the data path as tasks on a tokio runtime;
+//! each replies when done, so a slow request never
 //! holds a worker, and every hand-off to another thread is a wake-up that
 //! costs more than most commands (docs/PERFORMANCE.md). Permissions are the kernel's job
 //! (`default_permissions`). Attributes and entries are cached by the kernel
@@ -499,25 +501,35 @@ impl Filesystem for Fuse {
         reply: ReplyWrite,
     ) {
         // Buffered writes go behind their replies, staged from this thread
-        // where they need not wait; O_DIRECT and O_[D]SYNC ones are
-        // answered when done.
-        let behind = flags.0 & (libc::O_DIRECT | libc::O_DSYNC) == 0;
-        if behind && let Some(r) = self.fs.try_write_behind(ino.0, offset, data, now(), &self.rt) {
-            return match r {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(errno(e)),
-            };
-        }
+        // where they need not wait. O_DIRECT ones are staged here too and
+        // answered from the reactor once the device has them, their pages
+        // mapped behind. O_[D]SYNC ones are answered when done.
+        let len = data.len() as u32;
+        let answer = move |r: Result<(), Errno>| match r {
+            Ok(()) => reply.written(len),
+            Err(e) => reply.error(errno(e)),
+        };
+        let (direct, sync) = (flags.0 & libc::O_DIRECT != 0, flags.0 & libc::O_DSYNC != 0);
+        let behind = !direct && !sync;
+        let answer = if behind {
+            match self.fs.try_write_behind(ino.0, offset, data, now(), self.fs.meta().runtime()) {
+                Some(r) => return answer(r),
+                None => answer,
+            }
+        } else if !sync {
+            match self.fs.try_write_direct(ino.0, offset, data, now(), self.fs.meta().runtime(), answer) {
+                Ok(()) => return,
+                Err(answer) => answer,
+            }
+        } else {
+            answer
+        };
         let data = data.to_vec();
         self.spawn(move |fs| async move {
-            let written = match behind {
+            answer(match behind {
                 true => fs.write_behind(ino.0, offset, &data, now()).await,
                 false => fs.write(ino.0, offset, &data, now()).await.map(drop),
-            };
-            match written {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(errno(e)),
-            }
+            })
         });
     }
 

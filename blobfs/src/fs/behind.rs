@@ -29,7 +29,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::files::{FileSystem, Staged};
-use super::{Cmd, Errno, Ino, Time};
+use super::{ChunkRef, Cmd, Errno, Ino, Time};
 use crate::format::PAGE_SIZE;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -133,6 +133,7 @@ impl FileSystem {
         self.go_behind(
             StagedWrite { ino, offset, end, now, held, staged, back: Vec::new(), permits },
             &Handle::current(),
+            None,
         );
         Ok(())
     }
@@ -140,9 +141,8 @@ impl FileSystem {
     /// [`FileSystem::write_behind`] without waiting, for a caller that is
     /// not a task (FUSE's request threads): the bytes go straight from
     /// `data` into DMA memory, and the rest is spawned on `rt`. `None` if
-    /// that would mean waiting: for the file's lock, for the budget, for a
-    /// read of the other bytes of a unit the write covers in part, or for
-    /// space a delete is letting go of; nothing was done then.
+    /// that would mean waiting ([`FileSystem::try_stage`]); nothing was
+    /// done then.
     pub fn try_write_behind(
         self: &Arc<Self>,
         ino: Ino,
@@ -151,6 +151,52 @@ impl FileSystem {
         now: Time,
         rt: &Handle,
     ) -> Option<Result<(), Errno>> {
+        Some(self.try_stage(ino, offset, data, now)?.map(|w| self.go_behind(w, rt, None)))
+    }
+
+    /// An O_DIRECT write without a task: staged as by
+    /// [`FileSystem::try_write_behind`], written from a reactor, which
+    /// calls `answer` once the device has the bytes. The command that maps
+    /// them follows on `rt` behind the answer, in the file's order of writes
+    /// behind, with their rules (the module's description): reads settle
+    /// first, and an error of the mapping is kept for fsync or close.
+    /// `Err(answer)` if staging would mean waiting; nothing was done then.
+    pub fn try_write_direct<A>(
+        self: &Arc<Self>,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        now: Time,
+        rt: &Handle,
+        answer: A,
+    ) -> Result<(), A>
+    where
+        A: FnOnce(Result<(), Errno>) + Send + 'static,
+    {
+        match self.try_stage(ino, offset, data, now) {
+            None => Err(answer),
+            Some(Err(e)) => {
+                answer(Err(e));
+                Ok(())
+            }
+            Some(Ok(w)) => {
+                self.go_behind(w, rt, Some(Box::new(answer)));
+                Ok(())
+            }
+        }
+    }
+
+    /// Stages a write of whole units from `data` without waiting: `None` if
+    /// it would have to wait for the file's lock, for the budget, for a read
+    /// of the other bytes of a unit it covers in part, or for space a delete
+    /// is letting go of; nothing was done then.
+    fn try_stage(
+        self: &Arc<Self>,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        now: Time,
+    ) -> Option<Result<StagedWrite, Errno>> {
         let end = match write_end(offset, data) {
             Ok(end) => end,
             Err(e) => return Some(Err(e)),
@@ -174,12 +220,16 @@ impl FileSystem {
             Err(Errno::ENOSPC) if self.data.frees_waiting() => return None,
             Err(e) => return Some(Err(e)),
         };
-        let staged = match self.stage_new(offset, &(offset..end), data, runs) {
-            Ok(staged) => staged,
-            Err(e) => return Some(Err(e)),
-        };
-        self.go_behind(StagedWrite { ino, offset, end, now, held, staged, back, permits }, rt);
-        Some(Ok(()))
+        Some(self.stage_new(offset, &(offset..end), data, runs).map(|staged| StagedWrite {
+            ino,
+            offset,
+            end,
+            now,
+            held,
+            staged,
+            back,
+            permits,
+        }))
     }
 
     /// Whether a write of `data` to `ino` goes through rather than behind:
@@ -189,32 +239,69 @@ impl FileSystem {
         Ok(data.is_empty() || self.data.metadata_space_tight() || self.meta.read(|s| s.reduce_policy(ino))?.is_some())
     }
 
-    /// Counts a staged write as behind and spawns the rest on `rt`: backing
-    /// the pool clusters it needs, the device writes, then (after the
-    /// file's previous write behind) the command that maps its pages.
-    fn go_behind(self: &Arc<Self>, w: StagedWrite, rt: &Handle) {
-        let StagedWrite { ino, offset, end, now, held, staged, back, permits } = w;
-        let (previous, done) = self.behind.start(ino);
+    /// Counts a staged write as behind and finishes it: backs the pool
+    /// clusters it needs, writes the device, calls `answer` (if the write
+    /// was not answered yet) with the device's result, then, after the
+    /// file's previous write behind, runs the command that maps its pages,
+    /// on `rt`. With nothing to back, a write to answer goes from a reactor
+    /// and is answered there.
+    fn go_behind(self: &Arc<Self>, mut w: StagedWrite, rt: &Handle, answer: Option<Answer>) {
+        let (previous, done) = self.behind.start(w.ino);
         let fs = self.clone();
-        rt.spawn(async move {
-            let result = async {
-                fs.data.back(back).await;
-                let chunks = fs.write_staged(staged).await?;
-                if let Some(previous) = previous {
-                    // Closed or dropped: either way it is done.
-                    let _ = previous.await;
-                }
-                fs.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await
+        match answer {
+            Some(answer) if w.back.is_empty() => {
+                let staged = std::mem::take(&mut w.staged);
+                let extents: Vec<(u64, ChunkRef)> = staged.iter().map(|s| (s.unit, s.run)).collect();
+                let rt = rt.clone();
+                let runs = staged.into_iter().map(|s| (s.run, s.buf)).collect();
+                self.data.write_then(runs, move |written| {
+                    if written.is_err() {
+                        fs.data.free(extents.iter().map(|&(_, c)| c));
+                    }
+                    answer(written);
+                    rt.spawn(async move { fs.map_behind(w, previous, done, written.map(|()| extents), true).await });
+                });
             }
-            .await;
-            if let Err(e) = result {
-                tracing::error!(
-                    "a write behind of inode {ino} at offset {offset} failed: {e}; fsync or the next close reports it"
-                );
+            answer => {
+                rt.spawn(async move {
+                    fs.data.back(std::mem::take(&mut w.back)).await;
+                    let written = fs.write_staged(std::mem::take(&mut w.staged)).await;
+                    let answered = answer.map(|answer| answer(written.as_ref().map(drop).map_err(|&e| e))).is_some();
+                    fs.map_behind(w, previous, done, written, answered).await
+                });
             }
-            fs.behind.end(ino, result.map(drop));
-            drop((done, held, permits));
-        });
+        }
+    }
+
+    /// The end of a write behind, in the file's order: once the previous
+    /// write behind is done, maps what was `written` and counts this one
+    /// done. An error is kept for fsync or the next close, unless it is a
+    /// device error the write's answer carried (`answered`).
+    async fn map_behind(
+        self: &Arc<Self>,
+        w: StagedWrite,
+        previous: Option<oneshot::Receiver<()>>,
+        done: oneshot::Sender<()>,
+        written: Result<Vec<(u64, ChunkRef)>, Errno>,
+        answered: bool,
+    ) {
+        let StagedWrite { ino, offset, end, now, held, permits, .. } = w;
+        if let Some(previous) = previous {
+            // Closed or dropped: either way it is done.
+            let _ = previous.await;
+        }
+        let result = match written {
+            Ok(chunks) => self.map_written(chunks, |chunks| Cmd::Write { ino, chunks, end, now }).await.map(drop),
+            Err(_) if answered => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::error!(
+                "a write behind of inode {ino} at offset {offset} failed: {e}; fsync or the next close reports it"
+            );
+        }
+        self.behind.end(ino, result);
+        drop((done, held, permits));
     }
 
     /// Whether writes of `ino` are still finishing behind their replies:
@@ -265,6 +352,9 @@ impl FileSystem {
         flushed
     }
 }
+
+/// Answers a write (FUSE's reply) with its result.
+type Answer = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 
 /// A staged write on its way behind ([`FileSystem::go_behind`]).
 struct StagedWrite {

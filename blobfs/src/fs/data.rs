@@ -410,12 +410,32 @@ impl DataPool {
     pub async fn write(&self, c: ChunkRef, buf: DmaBuf) -> Result<(), Errno> {
         debug_assert_eq!(buf.len(), c.pages as usize * PAGE_SIZE);
         let done = self.store.io(self.reactor(), BlobIo::write(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
-        done.status.map_err(|e| {
-            tracing::error!("writing file data at pool page {} failed: {e}", c.page);
-            Errno(e.errno())
-        })?;
-        self.written.store(true, Ordering::Release);
-        Ok(())
+        written(c, done.status, &self.written)
+    }
+
+    /// Writes runs of pages, each with its bytes, from one reactor and calls
+    /// `then` there with the result: the caller's next step runs on the
+    /// thread the device's completions reach, with no task elsewhere woken
+    /// just to wait for them.
+    pub fn write_then(&self, runs: Vec<(ChunkRef, DmaBuf)>, then: impl FnOnce(Result<(), Errno>) + Send + 'static) {
+        let (store, blob, flag) = (self.store.clone(), self.blob.clone(), self.written.clone());
+        // The outcome goes to `then`, not through the returned receiver.
+        drop(self.reactor().spawn(move |ctx| {
+            let ch = store.channel(ctx);
+            async move {
+                let result = async {
+                    let (ch, flag) = (ch.map_err(io_err)?, &flag);
+                    let writes = runs.into_iter().map(|(c, buf)| {
+                        debug_assert_eq!(buf.len(), c.pages as usize * PAGE_SIZE);
+                        let io = ch.io(BlobIo::write(&blob, c.page, buf, 0));
+                        async move { written(c, io.await.status, flag) }
+                    });
+                    futures_util::future::join_all(writes).await.into_iter().collect()
+                }
+                .await;
+                then(result);
+            }
+        }));
     }
 
     /// Makes every completed data write durable.
@@ -430,6 +450,17 @@ fn take_up_to(waiting: &mut BTreeMap<u64, Vec<ChunkRef>>, key: u64) -> Vec<Chunk
     let later = key.checked_add(1).map(|k| waiting.split_off(&k)).unwrap_or_default();
     let ready = std::mem::replace(waiting, later);
     ready.into_values().flatten().collect()
+}
+
+/// A data write's status as the file system reports it; `flag` is set
+/// after each success (the metadata log flushes before its next record).
+fn written(c: ChunkRef, status: Result<(), nvme::IoError>, flag: &std::sync::atomic::AtomicBool) -> Result<(), Errno> {
+    status.map_err(|e| {
+        tracing::error!("writing file data at pool page {} failed: {e}", c.page);
+        Errno(e.errno())
+    })?;
+    flag.store(true, Ordering::Release);
+    Ok(())
 }
 
 fn io_err(e: crate::BlobError) -> Errno {

@@ -642,9 +642,9 @@ impl FileSystem {
 /// New pages of a file, their contents ready to be written.
 pub(super) struct Staged {
     /// The file's unit the run starts at.
-    unit: u64,
-    run: ChunkRef,
-    buf: pmd::DmaBuf,
+    pub(super) unit: u64,
+    pub(super) run: ChunkRef,
+    pub(super) buf: pmd::DmaBuf,
 }
 
 /// What clients hold of an inode.
