@@ -176,8 +176,21 @@ impl Fx {
         self.run(move |fs| Box::pin(async move { fs.write(ino, offset, &data, Time(9)).await.map(|a| a.size) }))
     }
 
+    /// Reads from a task, and (once that has settled the file) as FUSE's
+    /// request threads do, answered by the reactor: both must agree.
     fn read(&mut self, ino: Ino, offset: u64, size: usize) -> Vec<u8> {
-        self.run(move |fs| Box::pin(async move { fs.read(ino, offset, size).await })).unwrap()
+        let read = self.run(move |fs| Box::pin(async move { fs.read(ino, offset, size).await })).unwrap();
+        if let Some(now) = self.read_now(ino, offset, size) {
+            assert_eq!(now.as_ref(), Ok(&read), "read of {size} bytes at {offset} answered by the reactor");
+        }
+        read
+    }
+
+    /// A read answered by the reactor (`None`: left to a task).
+    fn read_now(&mut self, ino: Ino, offset: u64, size: usize) -> Option<Result<Vec<u8>, Errno>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.fs.try_read_now(ino, offset, size, move |r| tx.send(r.map(<[u8]>::to_vec)).unwrap()).ok()?;
+        Some(self.h.run(rx).unwrap())
     }
 
     fn truncate(&mut self, ino: Ino, size: u64) {
@@ -467,6 +480,29 @@ fn writes_that_would_wait_are_left_to_a_task() {
     assert_eq!(fx.try_direct(ino, 12288, &[4; 4096]), Some(Ok(())));
     want.extend([4; 4096]);
     assert_eq!(fx.read(ino, 0, 20000), want);
+}
+
+/// A read answered by the reactor (every read of these tests is made
+/// that way too and compared, `Fx::read`) is left to a task while the
+/// file has writes behind, or is reduced; a directory is EISDIR.
+#[test]
+fn reads_answered_by_the_reactor_leave_files_with_writes_behind_to_a_task() {
+    let mut fx = Fx::on(64, true, UNIT);
+    let ino = fx.create("f");
+    assert_eq!(fx.read_now(ROOT, 0, 10), Some(Err(Errno::EISDIR)));
+    assert_eq!(fx.read_now(ino, 0, 10), Some(Ok(Vec::new())), "an empty file");
+    // Staged from this thread: its device write waits for the reactor,
+    // which only runs inside `fx.run`.
+    assert_eq!(fx.fs.try_write_behind(ino, 0, &[7; 8192], Time(9), fx.rt.handle()), Some(Ok(())));
+    assert!(fx.fs.writing(ino));
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    assert!(fx.fs.try_read_now(ino, 0, 10, move |_| tx.send(()).unwrap()).is_err(), "a file with writes behind");
+    assert!(rx.try_recv().is_err(), "and nothing was answered");
+    assert_eq!(fx.read(ino, 4000, 200), vec![7; 200]);
+    assert_eq!(fx.read_now(ino, 8000, 1000), Some(Ok(vec![7; 192])), "up to the end");
+    let reduced = fx.create("g");
+    fx.set_policy(reduced, "lz4").unwrap();
+    assert_eq!(fx.read_now(reduced, 0, 10), None, "a reduced file");
 }
 
 /// A device error met by a write after its reply is returned by the file's

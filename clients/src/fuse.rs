@@ -2,8 +2,9 @@
 //!
 //! fuser's worker threads decode requests and answer on the spot what needs
 //! no waiting: metadata reads from the replicated state, closes, and
-//! buffered writes that can be staged at once. O_DIRECT writes that can be
-//! staged at once are answered by the reactor that writes them. Metadata
+//! buffered writes that can be staged at once. Reads, and O_DIRECT writes
+//! that can be staged at once, are answered by the reactor that does their
+//! I/O. Metadata
 //! changes, and the maps of writes behind, run as tasks on the metadata
 //! group's thread, the rest of the data path as tasks on a tokio runtime;
 //! each replies when done, so a slow request never
@@ -480,12 +481,16 @@ impl Filesystem for Fuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |fs| async move {
-            match fs.read(ino.0, offset, size as usize).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        // Answered by the reactor that reads the pages, unless the file has
+        // writes behind to wait for (or is reduced): then from a task.
+        let answer = move |r: Result<&[u8], Errno>| match r {
+            Ok(data) => reply.data(data),
+            Err(e) => reply.error(errno(e)),
+        };
+        let Err(answer) = self.fs.try_read_now(ino.0, offset, size as usize, answer) else { return };
+        self.spawn(
+            move |fs| async move { answer(fs.read(ino.0, offset, size as usize).await.as_deref().map_err(|&e| e)) },
+        );
     }
 
     fn write(

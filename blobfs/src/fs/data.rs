@@ -87,16 +87,19 @@ pub struct ReadTicket<'a> {
     seq: u64,
 }
 
+impl ReadTicket<'_> {
+    /// The ticket without its borrow of the pool, for a read that finishes
+    /// on another thread: [`DataPool::end_read`] with it ends the read.
+    pub fn detach(self) -> u64 {
+        let seq = self.seq;
+        std::mem::forget(self);
+        seq
+    }
+}
+
 impl Drop for ReadTicket<'_> {
     fn drop(&mut self) {
-        let mut a = self.pool.lock();
-        if let Some(n) = a.reads.get_mut(&self.seq) {
-            *n -= 1;
-            if *n == 0 {
-                a.reads.remove(&self.seq);
-            }
-        }
-        a.release_deferred();
+        self.pool.end_read(self.seq);
     }
 }
 
@@ -392,18 +395,57 @@ impl DataPool {
         ReadTicket { pool: self, seq }
     }
 
+    /// Ends the read of a detached ticket ([`ReadTicket::detach`]).
+    pub fn end_read(&self, seq: u64) {
+        let mut a = self.lock();
+        if let Some(n) = a.reads.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                a.reads.remove(&seq);
+            }
+        }
+        a.release_deferred();
+    }
+
     /// Reads a run's pages and copies `out.len()` bytes of them, from byte
     /// `skip` on, into `out`.
     pub async fn read(&self, c: ChunkRef, skip: usize, out: &mut [u8]) -> Result<(), Errno> {
-        debug_assert!(skip + out.len() <= c.pages as usize * PAGE_SIZE);
-        let buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
-        let done = self.store.io(self.reactor(), BlobIo::read(&self.blob, c.page, buf, 0)).await.map_err(io_err)?;
-        done.status.map_err(|e| {
-            tracing::error!("reading file data at pool page {} failed: {e}", c.page);
-            Errno(e.errno())
-        })?;
-        done.bufs.copy_out(skip, out);
-        Ok(())
+        let io = read_io(&self.blob, c, skip, out.len())?;
+        let done = self.store.io(self.reactor(), io).await.map_err(io_err)?;
+        read_done(c, done, skip, out)
+    }
+
+    /// Reads runs of pages from one reactor into `out`: each run's bytes
+    /// from byte `skip` on fill `out[range]`. Then calls `then` there with
+    /// `out` (the caller's next step runs on the thread the device's
+    /// completions reach, as for [`DataPool::write_then`]).
+    pub fn read_then(
+        &self,
+        runs: Vec<ReadRun>,
+        mut out: Vec<u8>,
+        then: impl FnOnce(Result<Vec<u8>, Errno>) + Send + 'static,
+    ) {
+        let (store, blob) = (self.store.clone(), self.blob.clone());
+        // The outcome goes to `then`, not through the returned receiver.
+        drop(self.reactor().spawn(move |ctx| {
+            let ch = store.channel(ctx);
+            async move {
+                let result = async {
+                    let ch = ch.map_err(io_err)?;
+                    let mut reads = Vec::with_capacity(runs.len());
+                    for &(c, skip, ref range) in &runs {
+                        reads.push(ch.io(read_io(&blob, c, skip, range.len())?));
+                    }
+                    let done = futures_util::future::join_all(reads).await;
+                    for ((c, skip, range), done) in runs.into_iter().zip(done) {
+                        read_done(c, done, skip, &mut out[range])?;
+                    }
+                    Ok(out)
+                }
+                .await;
+                then(result);
+            }
+        }));
     }
 
     /// Writes `buf` (as long as the run) to a run's pages.
@@ -450,6 +492,27 @@ fn take_up_to(waiting: &mut BTreeMap<u64, Vec<ChunkRef>>, key: u64) -> Vec<Chunk
     let later = key.checked_add(1).map(|k| waiting.split_off(&k)).unwrap_or_default();
     let ready = std::mem::replace(waiting, later);
     ready.into_values().flatten().collect()
+}
+
+/// Part of a read: a run of pool pages, the byte of its first page to
+/// start at, and the bytes of the output it fills.
+pub type ReadRun = (ChunkRef, usize, std::ops::Range<usize>);
+
+/// A read of a run's pages, for `len` bytes from byte `skip` on.
+fn read_io(blob: &Arc<BlobShared>, c: ChunkRef, skip: usize, len: usize) -> Result<BlobIo, Errno> {
+    debug_assert!(skip + len <= c.pages as usize * PAGE_SIZE);
+    let buf = DmaBuf::new(c.pages as usize * PAGE_SIZE).map_err(|_| Errno::EIO)?;
+    Ok(BlobIo::read(blob, c.page, buf, 0))
+}
+
+/// Copies what a read of `c` brought, from byte `skip` on, into `out`.
+fn read_done(c: ChunkRef, done: crate::BlobCompletion, skip: usize, out: &mut [u8]) -> Result<(), Errno> {
+    done.status.map_err(|e| {
+        tracing::error!("reading file data at pool page {} failed: {e}", c.page);
+        Errno(e.errno())
+    })?;
+    done.bufs.copy_out(skip, out);
+    Ok(())
 }
 
 /// A data write's status as the file system reports it; `flag` is set

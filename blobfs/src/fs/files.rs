@@ -298,12 +298,72 @@ impl FileSystem {
         // The ticket comes before the lookup: pages freed after it stay
         // untouched until this read is done.
         let _ticket = self.data.ticket();
+        let (n, runs) = self.plan_read(ino, offset, out.len())?;
+        let mut rest = &mut out[..n];
+        let mut at = 0;
+        let mut reads = Vec::with_capacity(runs.len());
+        for (run, skip, range) in runs {
+            let (hole, tail) = rest.split_at_mut(range.start - at);
+            hole.fill(0);
+            let (dst, tail) = tail.split_at_mut(range.len());
+            reads.push(self.data.read(run, skip, dst));
+            (rest, at) = (tail, range.end);
+        }
+        rest.fill(0);
+        futures_util::future::try_join_all(reads).await?;
+        Ok(n)
+    }
+
+    /// A read answered without a task, for a caller that is not one (FUSE's
+    /// request threads): the pages are looked up on the caller's thread and
+    /// read from a reactor, which calls `answer` with the bytes. `Err(answer)`
+    /// if the file has writes behind (the read must wait for them) or is
+    /// reduced; nothing was done then.
+    pub fn try_read_now<A>(self: &Arc<Self>, ino: Ino, offset: u64, size: usize, answer: A) -> Result<(), A>
+    where
+        A: FnOnce(Result<&[u8], Errno>) + Send + 'static,
+    {
+        if self.writing(ino) {
+            return Err(answer);
+        }
+        match self.meta.read(|s| s.is_reduced(ino)) {
+            Ok(false) => {}
+            Ok(true) => return Err(answer),
+            Err(e) => {
+                answer(Err(e));
+                return Ok(());
+            }
+        }
+        let ticket = Reading { seq: self.data.ticket().detach(), fs: self.clone() };
+        let (n, runs) = match self.plan_read(ino, offset, size) {
+            Ok(plan) => plan,
+            Err(e) => {
+                answer(Err(e));
+                return Ok(());
+            }
+        };
+        if runs.is_empty() {
+            answer(Ok(&vec![0; n]));
+            return Ok(());
+        }
+        self.data.read_then(runs, vec![0; n], move |read| {
+            drop(ticket);
+            answer(read.as_deref().map_err(|&e| e));
+        });
+        Ok(())
+    }
+
+    /// Where a read of `len` bytes at `offset` finds them: how many lie
+    /// within the file, and the runs of pool pages that hold them, each
+    /// with the byte of its first page to start at and the bytes of the
+    /// output it fills (the others are holes, zeros).
+    fn plan_read(&self, ino: Ino, offset: u64, len: usize) -> Result<(usize, Vec<super::data::ReadRun>), Errno> {
         let (end, extents) = self.meta.read(|s| {
             let a = s.getattr(ino)?;
             if a.kind == super::FileKind::Dir {
                 return Err(Errno::EISDIR);
             }
-            let end = a.size.min(offset.saturating_add(out.len() as u64));
+            let end = a.size.min(offset.saturating_add(len as u64));
             let extents: Vec<(u64, ChunkRef)> = if end > offset {
                 s.extents(ino, offset / PAGE)?.take_while(|&(p, _)| p * PAGE < end).collect()
             } else {
@@ -312,29 +372,22 @@ impl FileSystem {
             Ok((end, extents))
         })?;
         if end <= offset {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
-        let n = (end - offset) as usize;
-        let mut rest = &mut out[..n];
+        let mut runs = Vec::new();
         let mut at = offset;
-        let mut reads = Vec::new();
         for (first, c) in coalesce(extents) {
-            // The bytes of this extent within [at, end), and the holes before them.
+            // The bytes of this extent within [at, end).
             let (from, to) = (at.max(first * PAGE), end.min((first + u64::from(c.pages)) * PAGE));
             if to <= from {
                 continue;
             }
-            let (hole, tail) = rest.split_at_mut((from - at) as usize);
-            hole.fill(0);
-            let (dst, tail) = tail.split_at_mut((to - from) as usize);
             let skip = from - first * PAGE;
             let run = c.sub(skip / PAGE, (to - first * PAGE).div_ceil(PAGE) - skip / PAGE);
-            reads.push(self.data.read(run, (skip % PAGE) as usize, dst));
-            (rest, at) = (tail, to);
+            runs.push((run, (skip % PAGE) as usize, (from - offset) as usize..(to - offset) as usize));
+            at = to;
         }
-        rest.fill(0);
-        futures_util::future::try_join_all(reads).await?;
-        Ok(n)
+        Ok(((end - offset) as usize, runs))
     }
 
     /// Writes `data` at `offset`; returns the file's attributes after.
@@ -645,6 +698,18 @@ pub(super) struct Staged {
     pub(super) unit: u64,
     pub(super) run: ChunkRef,
     pub(super) buf: pmd::DmaBuf,
+}
+
+/// A read's ticket ([`DataPool::ticket`]) while it finishes on a reactor.
+struct Reading {
+    fs: Arc<FileSystem>,
+    seq: u64,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.fs.data.end_read(self.seq);
+    }
 }
 
 /// What clients hold of an inode.
