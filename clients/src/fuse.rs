@@ -429,11 +429,15 @@ impl Filesystem for Fuse {
     /// truncate, before it checks for ETXTBSY, so a refused
     /// `open(O_RDONLY|O_TRUNC)` of a running binary still emptied it. The
     /// kernel truncates with a SETATTR after its checks instead.
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
             Ok(()) => {
                 self.fs.opened(ino.0);
-                reply.opened(FileHandle(0), OPEN_FLAGS)
+                // A handle that cannot write has nothing to flush, and its
+                // close must not take (and so hide) an error a writer's
+                // write behind met: the kernel sends no FLUSH for it.
+                let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+                reply.opened(FileHandle(0), if read_only { OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH } else { OPEN_FLAGS })
             }
             Err(e) => reply.error(errno(e)),
         }
