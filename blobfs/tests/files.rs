@@ -154,13 +154,15 @@ impl Fx {
         self.h.run(self.rt.spawn(fut)).unwrap()
     }
 
-    /// An O_DIRECT write staged from this thread as FUSE's request threads
-    /// stage it: `None` if it would have to wait (nothing done), else its
-    /// answer, which comes from the reactor once the device has the bytes.
-    fn try_direct(&mut self, ino: Ino, offset: u64, data: &[u8]) -> Option<Result<(), Errno>> {
+    /// A write staged from this thread as FUSE's request threads stage it
+    /// (`direct`: as O_DIRECT): `None` if it would have to wait (nothing
+    /// done), else its answer, which for a direct write comes from the
+    /// reactor once the device has the bytes (a buffered one is answered at
+    /// once, and no reactor runs before it is).
+    fn try_now(&mut self, ino: Ino, offset: u64, data: &[u8], direct: bool) -> Option<Result<(), Errno>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let answer = move |r| tx.send(r).unwrap();
-        self.fs.try_write_direct(ino, offset, data, Time(9), self.rt.handle(), answer).ok()?;
+        self.fs.try_write_now(ino, offset, data, Time(9), direct, answer).ok()?;
         Some(self.h.run(rx).unwrap())
     }
 
@@ -422,8 +424,8 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
         // ones (answered once written, mapped behind); the rest from a task.
         for (i, (offset, data)) in writes.into_iter().enumerate() {
             let now = match i % 4 {
-                0 => fx.fs.try_write_behind(ino, offset, &data, Time(9), fx.rt.handle()),
-                2 => fx.try_direct(ino, offset, &data).inspect(|_| staged_direct += 1),
+                0 => fx.try_now(ino, offset, &data, false),
+                2 => fx.try_now(ino, offset, &data, true).inspect(|_| staged_direct += 1),
                 _ => None,
             };
             match now {
@@ -460,24 +462,23 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
 fn writes_that_would_wait_are_left_to_a_task() {
     let mut fx = Fx::on(64, true, UNIT);
     let ino = fx.create("f");
-    let rt = fx.rt.handle().clone();
-    assert!(fx.fs.try_write_behind(ino, 100, &[1; 10], Time(9), &rt).is_none(), "part of a unit");
+    assert!(fx.try_now(ino, 100, &[1; 10], false).is_none(), "part of a unit");
     assert!(!fx.fs.writing(ino), "nothing went behind");
     let lock = fx.run(move |fs| Box::pin(async move { fs.write(ino, 0, &[2; 4096], Time(9)).await })).map(drop);
     lock.unwrap();
-    assert_eq!(fx.fs.try_write_behind(ROOT, 0, &[1; 4096], Time(9), &rt), Some(Err(Errno::EISDIR)));
-    assert_eq!(fx.fs.try_write_behind(ino, u64::MAX - 4095, &[1; 4096], Time(9), &rt), Some(Err(Errno::EFBIG)));
-    assert_eq!(fx.fs.try_write_behind(ino, 4096, &[3; 8192], Time(9), &rt), Some(Ok(())));
+    assert_eq!(fx.try_now(ROOT, 0, &[1; 4096], false), Some(Err(Errno::EISDIR)));
+    assert_eq!(fx.try_now(ino, u64::MAX - 4095, &[1; 4096], false), Some(Err(Errno::EFBIG)));
+    assert_eq!(fx.try_now(ino, 4096, &[3; 8192], false), Some(Ok(())));
     let mut want = vec![2; 4096];
     want.extend([3; 8192]);
     assert_eq!(fx.read(ino, 0, 20000), want);
     // The same for O_DIRECT writes: the answer is handed back untouched.
     let (tx, mut rx) = tokio::sync::oneshot::channel::<Result<(), Errno>>();
-    let back = fx.fs.try_write_direct(ino, 100, &[1; 10], Time(9), &rt, move |r| tx.send(r).unwrap());
+    let back = fx.fs.try_write_now(ino, 100, &[1; 10], Time(9), true, move |r| tx.send(r).unwrap());
     assert!(back.is_err() && rx.try_recv().is_err(), "part of a unit: nothing done, nothing answered");
-    assert_eq!(fx.try_direct(ROOT, 0, &[1; 4096]), Some(Err(Errno::EISDIR)));
-    assert_eq!(fx.try_direct(ino, u64::MAX - 4095, &[1; 4096]), Some(Err(Errno::EFBIG)));
-    assert_eq!(fx.try_direct(ino, 12288, &[4; 4096]), Some(Ok(())));
+    assert_eq!(fx.try_now(ROOT, 0, &[1; 4096], true), Some(Err(Errno::EISDIR)));
+    assert_eq!(fx.try_now(ino, u64::MAX - 4095, &[1; 4096], true), Some(Err(Errno::EFBIG)));
+    assert_eq!(fx.try_now(ino, 12288, &[4; 4096], true), Some(Ok(())));
     want.extend([4; 4096]);
     assert_eq!(fx.read(ino, 0, 20000), want);
 }
@@ -493,7 +494,7 @@ fn reads_answered_by_the_reactor_leave_files_with_writes_behind_to_a_task() {
     assert_eq!(fx.read_now(ino, 0, 10), Some(Ok(Vec::new())), "an empty file");
     // Staged from this thread: its device write waits for the reactor,
     // which only runs inside `fx.run`.
-    assert_eq!(fx.fs.try_write_behind(ino, 0, &[7; 8192], Time(9), fx.rt.handle()), Some(Ok(())));
+    assert_eq!(fx.try_now(ino, 0, &[7; 8192], false), Some(Ok(())));
     assert!(fx.fs.writing(ino));
     let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
     assert!(fx.fs.try_read_now(ino, 0, 10, move |_| tx.send(()).unwrap()).is_err(), "a file with writes behind");
@@ -544,7 +545,7 @@ fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once(
     // An O_DIRECT write's answer carries its device error; nothing is
     // left for the next flush.
     nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
-    assert_eq!(fx.try_direct(ino, 4096, &new), Some(Err(Errno::EIO)));
+    assert_eq!(fx.try_now(ino, 4096, &new, true), Some(Err(Errno::EIO)));
     assert_eq!(flush(&mut fx), Ok(()), "the answer reported it");
     assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
     let data = new.clone();

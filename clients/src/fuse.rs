@@ -4,13 +4,12 @@
 //! no waiting: metadata reads from the replicated state, closes, and
 //! buffered writes that can be staged at once. Reads, and O_DIRECT writes
 //! that can be staged at once, are answered by the reactor that does their
-//! I/O. Metadata
-//! changes, and the maps of writes behind, run as tasks on the metadata
-//! group's thread, the rest of the data path as tasks on a tokio runtime;
-//! each replies when done, so a slow request never
-//! holds a worker, and every hand-off to another thread is a wake-up that
-//! costs more than most commands (docs/PERFORMANCE.md). Permissions are the kernel's job
-//! (`default_permissions`). Attributes and entries are cached by the kernel
+//! I/O. Metadata changes, and the maps of writes behind, run as tasks on
+//! the metadata group's thread, the rest of the data path as tasks on a
+//! tokio runtime; each replies when done, so a slow request never holds a
+//! worker, and every hand-off to another thread is a wake-up that costs
+//! more than most commands (docs/PERFORMANCE.md). Permissions are the
+//! kernel's job (`default_permissions`). Attributes and entries are cached by the kernel
 //! for [`TTL`]: every change goes through this mount, which is the only
 //! client of a single-node file system, so what the kernel caches is what
 //! the file system holds. For the same reason writes may go through the
@@ -519,20 +518,14 @@ impl Filesystem for Fuse {
             Err(e) => reply.error(errno(e)),
         };
         let (direct, sync) = (flags.0 & libc::O_DIRECT != 0, flags.0 & libc::O_DSYNC != 0);
-        let behind = !direct && !sync;
-        let answer = if behind {
-            match self.fs.try_write_behind(ino.0, offset, data, now(), self.fs.meta().runtime()) {
-                Some(r) => return answer(r),
-                None => answer,
-            }
-        } else if !sync {
-            match self.fs.try_write_direct(ino.0, offset, data, now(), self.fs.meta().runtime(), answer) {
+        let answer = match sync {
+            true => answer,
+            false => match self.fs.try_write_now(ino.0, offset, data, now(), direct, answer) {
                 Ok(()) => return,
                 Err(answer) => answer,
-            }
-        } else {
-            answer
+            },
         };
+        let behind = !direct && !sync;
         let data = data.to_vec();
         self.spawn(move |fs| async move {
             answer(match behind {

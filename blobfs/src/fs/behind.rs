@@ -138,52 +138,40 @@ impl FileSystem {
         Ok(())
     }
 
-    /// [`FileSystem::write_behind`] without waiting, for a caller that is
-    /// not a task (FUSE's request threads): the bytes go straight from
-    /// `data` into DMA memory, and the rest is spawned on `rt`. `None` if
-    /// that would mean waiting ([`FileSystem::try_stage`]); nothing was
-    /// done then.
-    pub fn try_write_behind(
+    /// A write of whole units without a task, for a caller that is not one
+    /// (FUSE's request threads): staged straight from `data` into DMA
+    /// memory. A buffered write (`direct` false) is answered at once and
+    /// finishes behind on the metadata thread ([`super::raft::MetaRaft::runtime`], where
+    /// its command needs no hand-off), as [`FileSystem::write_behind`] does.
+    /// An O_DIRECT one is written from a reactor, which calls `answer` once
+    /// the device has the bytes; the command that maps them follows there
+    /// behind the answer, in the file's order of writes behind, with their
+    /// rules (the module's description): reads settle first, and an error
+    /// of the mapping is kept for fsync or close. `Err(answer)` if staging
+    /// would mean waiting (`try_stage`); nothing was done then.
+    pub fn try_write_now<A>(
         self: &Arc<Self>,
         ino: Ino,
         offset: u64,
         data: &[u8],
         now: Time,
-        rt: &Handle,
-    ) -> Option<Result<(), Errno>> {
-        Some(self.try_stage(ino, offset, data, now)?.map(|w| self.go_behind(w, rt, None)))
-    }
-
-    /// An O_DIRECT write without a task: staged as by
-    /// [`FileSystem::try_write_behind`], written from a reactor, which
-    /// calls `answer` once the device has the bytes. The command that maps
-    /// them follows on `rt` behind the answer, in the file's order of writes
-    /// behind, with their rules (the module's description): reads settle
-    /// first, and an error of the mapping is kept for fsync or close.
-    /// `Err(answer)` if staging would mean waiting; nothing was done then.
-    pub fn try_write_direct<A>(
-        self: &Arc<Self>,
-        ino: Ino,
-        offset: u64,
-        data: &[u8],
-        now: Time,
-        rt: &Handle,
+        direct: bool,
         answer: A,
     ) -> Result<(), A>
     where
         A: FnOnce(Result<(), Errno>) + Send + 'static,
     {
+        let rt = self.meta.runtime();
         match self.try_stage(ino, offset, data, now) {
-            None => Err(answer),
-            Some(Err(e)) => {
-                answer(Err(e));
-                Ok(())
-            }
+            None => return Err(answer),
+            Some(Err(e)) => answer(Err(e)),
+            Some(Ok(w)) if direct => self.go_behind(w, rt, Some(Box::new(answer))),
             Some(Ok(w)) => {
-                self.go_behind(w, rt, Some(Box::new(answer)));
-                Ok(())
+                self.go_behind(w, rt, None);
+                answer(Ok(()));
             }
         }
+        Ok(())
     }
 
     /// Stages a write of whole units from `data` without waiting: `None` if

@@ -417,35 +417,27 @@ impl DataPool {
 
     /// Reads runs of pages from one reactor into `out`: each run's bytes
     /// from byte `skip` on fill `out[range]`. Then calls `then` there with
-    /// `out` (the caller's next step runs on the thread the device's
-    /// completions reach, as for [`DataPool::write_then`]).
+    /// `out` (`on_reactor_then`).
     pub fn read_then(
         &self,
         runs: Vec<ReadRun>,
         mut out: Vec<u8>,
         then: impl FnOnce(Result<Vec<u8>, Errno>) + Send + 'static,
     ) {
-        let (store, blob) = (self.store.clone(), self.blob.clone());
-        // The outcome goes to `then`, not through the returned receiver.
-        drop(self.reactor().spawn(move |ctx| {
-            let ch = store.channel(ctx);
-            async move {
-                let result = async {
-                    let ch = ch.map_err(io_err)?;
-                    let mut reads = Vec::with_capacity(runs.len());
-                    for &(c, skip, ref range) in &runs {
-                        reads.push(ch.io(read_io(&blob, c, skip, range.len())?));
-                    }
-                    let done = futures_util::future::join_all(reads).await;
-                    for ((c, skip, range), done) in runs.into_iter().zip(done) {
-                        read_done(c, done, skip, &mut out[range])?;
-                    }
-                    Ok(out)
+        self.on_reactor_then(
+            move |ch, blob| async move {
+                let mut reads = Vec::with_capacity(runs.len());
+                for &(c, skip, ref range) in &runs {
+                    reads.push(ch.io(read_io(&blob, c, skip, range.len())?));
                 }
-                .await;
-                then(result);
-            }
-        }));
+                let done = futures_util::future::join_all(reads).await;
+                for ((c, skip, range), done) in runs.into_iter().zip(done) {
+                    read_done(c, done, skip, &mut out[range])?;
+                }
+                Ok(out)
+            },
+            then,
+        );
     }
 
     /// Writes `buf` (as long as the run) to a run's pages.
@@ -456,25 +448,42 @@ impl DataPool {
     }
 
     /// Writes runs of pages, each with its bytes, from one reactor and calls
-    /// `then` there with the result: the caller's next step runs on the
+    /// `then` there with the result (`on_reactor_then`).
+    pub fn write_then(&self, runs: Vec<(ChunkRef, DmaBuf)>, then: impl FnOnce(Result<(), Errno>) + Send + 'static) {
+        let flag = self.written.clone();
+        self.on_reactor_then(
+            move |ch, blob| async move {
+                let writes = runs.into_iter().map(|(c, buf)| {
+                    debug_assert_eq!(buf.len(), c.pages as usize * PAGE_SIZE);
+                    let (io, flag) = (ch.io(BlobIo::write(&blob, c.page, buf, 0)), &flag);
+                    async move { written(c, io.await.status, flag) }
+                });
+                futures_util::future::join_all(writes).await.into_iter().collect()
+            },
+            then,
+        );
+    }
+
+    /// Runs `io` with a channel of one reactor, as a task there, and calls
+    /// `then` there with its result: the caller's next step runs on the
     /// thread the device's completions reach, with no task elsewhere woken
     /// just to wait for them.
-    pub fn write_then(&self, runs: Vec<(ChunkRef, DmaBuf)>, then: impl FnOnce(Result<(), Errno>) + Send + 'static) {
-        let (store, blob, flag) = (self.store.clone(), self.blob.clone(), self.written.clone());
+    fn on_reactor_then<T, Fut>(
+        &self,
+        io: impl FnOnce(crate::BlobChannel, Arc<BlobShared>) -> Fut + Send + 'static,
+        then: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) where
+        Fut: std::future::Future<Output = Result<T, Errno>> + 'static,
+    {
+        let (store, blob) = (self.store.clone(), self.blob.clone());
         // The outcome goes to `then`, not through the returned receiver.
         drop(self.reactor().spawn(move |ctx| {
             let ch = store.channel(ctx);
             async move {
-                let result = async {
-                    let (ch, flag) = (ch.map_err(io_err)?, &flag);
-                    let writes = runs.into_iter().map(|(c, buf)| {
-                        debug_assert_eq!(buf.len(), c.pages as usize * PAGE_SIZE);
-                        let io = ch.io(BlobIo::write(&blob, c.page, buf, 0));
-                        async move { written(c, io.await.status, flag) }
-                    });
-                    futures_util::future::join_all(writes).await.into_iter().collect()
-                }
-                .await;
+                let result = match ch {
+                    Ok(ch) => io(ch, blob).await,
+                    Err(e) => Err(io_err(e)),
+                };
                 then(result);
             }
         }));
