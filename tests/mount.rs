@@ -254,7 +254,8 @@ fn what_was_fsynced_survives_kill_9_and_the_stale_mount_is_recovered() {
 }
 
 /// O_DIRECT writes from several threads at once, each answered once the
-/// device has its bytes and mapped behind the answer: read back right
+/// device has its bytes (the first to each block mapped behind the answer,
+/// the second mostly over the same pages in place): read back right
 /// after (direct and through the page cache) they are what was written,
 /// the later of two writes to a block wins, and after fsync they survive
 /// kill -9.

@@ -143,8 +143,10 @@ impl FileSystem {
     /// memory. A buffered write (`direct` false) is answered at once and
     /// finishes behind on the metadata thread ([`super::raft::MetaRaft::runtime`], where
     /// its command needs no hand-off), as [`FileSystem::write_behind`] does.
-    /// An O_DIRECT one is written from a reactor, which calls `answer` once
-    /// the device has the bytes; the command that maps them follows there
+    /// An O_DIRECT one over pages the file maps goes over them in place
+    /// when it can ([`FileSystem::try_overwrite`]); otherwise it is written
+    /// to new pages from a reactor, which calls `answer` once the device
+    /// has the bytes, and the command that maps them follows there
     /// behind the answer, in the file's order of writes behind, with their
     /// rules (the module's description): reads settle first, and an error
     /// of the mapping is kept for fsync or close. `Err(answer)` if staging
@@ -161,6 +163,14 @@ impl FileSystem {
     where
         A: FnOnce(Result<(), Errno>) + Send + 'static,
     {
+        let answer = if direct {
+            match self.try_overwrite(ino, offset, data, now, answer) {
+                Ok(()) => return Ok(()),
+                Err(answer) => answer,
+            }
+        } else {
+            answer
+        };
         let rt = self.meta.runtime();
         match self.try_stage(ino, offset, data, now) {
             None => return Err(answer),

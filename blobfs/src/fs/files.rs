@@ -353,6 +353,65 @@ impl FileSystem {
         Ok(())
     }
 
+    /// An `O_DIRECT` write of whole pages the file maps already, within its
+    /// size, written over those pages in place from a reactor, which calls
+    /// `answer` once the device has them: no pages allocated or freed, and
+    /// no command unless the file's times must move ([`times_current`]);
+    /// then one that sets them goes before the answer. `Err(answer)`
+    /// (nothing done) for a write that needs new pages (holes, past the
+    /// end, parts of pages), for files with writes behind (a later write
+    /// must not land under their maps), reduced files, a file whose data
+    /// lock would mean waiting, and near the end of the store's space.
+    /// docs/fs.md, "Overwrites in place", says what a crash leaves.
+    pub(super) fn try_overwrite<A>(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], now: Time, answer: A) -> Result<(), A>
+    where
+        A: FnOnce(Result<(), Errno>) + Send + 'static,
+    {
+        let len = data.len() as u64;
+        if len == 0 || offset % PAGE != 0 || len % PAGE != 0 || self.writing(ino) || self.data.metadata_space_low() {
+            return Err(answer);
+        }
+        // Shared: truncates and punches, which free pages, wait for it.
+        let Ok(held) = self.writer(ino).try_read_owned() else { return Err(answer) };
+        // Pages an overwrite elsewhere lets go of meanwhile are not reused
+        // before this write is done.
+        let ticket = Reading { seq: self.data.ticket().detach(), fs: self.clone() };
+        let end = offset.saturating_add(len);
+        let times = self.meta.read(|s| {
+            let a = s.getattr(ino).ok()?;
+            (a.kind == super::FileKind::File && end <= a.size && !s.is_reduced(ino).ok()?).then(|| times_current(a, now))
+        });
+        let Some(current) = times else { return Err(answer) };
+        let runs = match self.plan_read(ino, offset, data.len()) {
+            Ok((n, runs)) if n == data.len() && runs.iter().map(|(_, _, r)| r.len()).sum::<usize>() == n => runs,
+            _ => return Err(answer), // holes: they need pages
+        };
+        let mut writes = Vec::with_capacity(runs.len());
+        for (run, _, range) in runs {
+            let Ok(mut buf) = pmd::DmaBuf::new(range.len()) else { return Err(answer) };
+            buf.copy_from_slice(&data[range]);
+            writes.push((run, buf));
+        }
+        let fs = self.clone();
+        self.data.write_then(writes, move |written| {
+            drop(ticket);
+            if written.is_err() || current {
+                drop(held);
+                return answer(written);
+            }
+            // The times, before the answer (the writer may stat next), with
+            // the lock still held: no truncate comes between, which the
+            // command's `end` would undo.
+            let rt = fs.meta.runtime().clone();
+            rt.spawn(async move {
+                let set = fs.apply(Cmd::Write { ino, chunks: Vec::new(), end, now }).await;
+                drop(held);
+                answer(set.map(drop));
+            });
+        });
+        Ok(())
+    }
+
     /// Where a read of `len` bytes at `offset` finds them: how many lie
     /// within the file, and the runs of pool pages that hold them, each
     /// with the byte of its first page to start at and the bytes of the
@@ -710,6 +769,20 @@ impl Drop for Reading {
     fn drop(&mut self) {
         self.fs.data.end_read(self.seq);
     }
+}
+
+/// The granularity of the times writes set: a write leaves a file's times
+/// alone when both were set within the same 4 ms as it (at or after the
+/// start of that span, not after the write), as Linux's local file systems
+/// take a write's time from the coarse clock, which moves once a tick
+/// (4 ms at Debian's 250 Hz).
+const TIMES_TICK: i64 = 4_000_000;
+
+/// Whether a write at `now` leaves `a`'s modification and change times as
+/// they are ([`TIMES_TICK`]).
+fn times_current(a: &Attr, now: Time) -> bool {
+    let tick = Time(now.0 - now.0.rem_euclid(TIMES_TICK));
+    [a.mtime, a.ctime].into_iter().all(|t| tick <= t && t <= now)
 }
 
 /// What clients hold of an inode.
