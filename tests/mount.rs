@@ -639,6 +639,68 @@ fn the_writeback_cache_loses_nothing_at_down_or_after_fsync() {
     up.down();
 }
 
+/// The file system drops privileges itself (FUSE's KILLPRIV_V2, which
+/// spares each write a GETXATTR round trip), as a local file system's VFS
+/// does: any write or truncate takes a file's capabilities; one by a user
+/// without CAP_FSETID takes the set-user-ID bit too, and the set-group-ID
+/// bit where the group may execute; a change of owner takes them whoever
+/// makes it, but not from a directory.
+#[test]
+fn writes_truncates_and_chowns_drop_set_id_bits_and_capabilities() {
+    let Some((dir, image, mnt)) = setup() else { return };
+    // The user below must reach the mount.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    let f = mnt.join("f");
+    std::fs::write(&f, b"abc").unwrap();
+    // A version 2 capability set: CAP_NET_BIND_SERVICE, effective.
+    let caps: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let set = |mode: u32, with_caps: bool| {
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        if with_caps {
+            set_xattr(&f, "security.capability", &caps).unwrap();
+        }
+    };
+    let mode = || std::fs::metadata(&f).unwrap().mode() & 0o7777;
+    let has_caps = || get_xattr(&f, "security.capability").is_ok();
+    let as_nobody = |script: &str| {
+        let status = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .arg("sh")
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script} as nobody: {status}");
+    };
+    let append_as_root = || std::fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"r").unwrap();
+
+    set(0o6757, true);
+    append_as_root();
+    assert_eq!((mode(), has_caps()), (0o6757, false), "a write by root: the caps go, the set-ID bits stay");
+    set(0o6757, true);
+    as_nobody(r#"printf x >> "$1""#);
+    assert_eq!((mode(), has_caps()), (0o0757, false), "a write by a user: both go");
+    set(0o2646, false);
+    as_nobody(r#"printf x >> "$1""#);
+    assert_eq!(mode(), 0o2646, "set-group-ID without group execute marks locking, and stays");
+    set(0o6757, true);
+    as_nobody(r#"truncate -s 1 "$1""#);
+    assert_eq!((mode(), has_caps()), (0o0757, false), "a truncate by a user");
+    set(0o6757, true);
+    std::fs::File::options().write(true).open(&f).unwrap().set_len(5).unwrap();
+    assert_eq!((mode(), has_caps()), (0o6757, false), "a truncate by root");
+    set(0o6757, true);
+    std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+    assert_eq!((mode(), has_caps()), (0o0757, false), "a change of owner, even by root");
+    let d = mnt.join("d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2755)).unwrap();
+    std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+    assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o2755, "a directory keeps its set-group-ID bit");
+    assert_eq!(std::fs::read(&f).unwrap(), b"a\0\0\0\0", "cut to 1 byte, then grown to 5");
+    up.down();
+}
+
 /// Sets an xattr through the mount (std has no call for it).
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;

@@ -202,7 +202,7 @@ impl Fx {
 
     fn truncate(&mut self, ino: Ino, size: u64) {
         let set = SetAttr { size: Some(size), ..Default::default() };
-        self.run(move |fs| Box::pin(async move { fs.setattr(ino, set, Time(11)).await })).unwrap();
+        self.run(move |fs| Box::pin(async move { fs.setattr(ino, set, None, Time(11)).await })).unwrap();
     }
 
     fn fallocate(&mut self, ino: Ino, offset: u64, len: u64, mode: i32) -> Result<u64, Errno> {
@@ -498,7 +498,7 @@ fn direct_overwrites_of_mapped_pages_go_in_place_and_survive_a_power_cut_after_f
     assert_eq!(map(&mut fx), before, "a later span: still in place");
     assert_eq!(times(&mut fx), (Time(4 * MS + 1), Time(4 * MS + 1), 32 * 4096), "and the times moved");
     let future = SetAttr { mtime: Some(Time(1 << 60)), ..Default::default() };
-    fx.run(move |fs| Box::pin(async move { fs.setattr(ino, future, Time(5 * MS)).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.setattr(ino, future, None, Time(5 * MS)).await })).unwrap();
     overwrite(&mut fx, &mut model, 0, 1, 4, Time(5 * MS + 7));
     assert_eq!(times(&mut fx).0, Time(5 * MS + 7), "an mtime ahead of the write is set back to it");
     assert_eq!(fx.read(ino, 0, model.len() + 10), model);

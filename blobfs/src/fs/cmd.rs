@@ -57,6 +57,20 @@ pub struct SetAttr {
     pub tail: Option<(u64, ChunkRef)>,
 }
 
+/// What a change of owner, a truncate or a write takes away with it. The
+/// file system drops these itself (FUSE's `HANDLE_KILLPRIV_V2`), as a
+/// local file system's VFS does for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DropPrivs {
+    /// The file capabilities (the `security.capability` xattr) only: the
+    /// changer may keep set-ID bits (it has `CAP_FSETID`).
+    Caps,
+    /// Those, and of a file that is not a directory, the set-user-ID bit,
+    /// and the set-group-ID bit if its group may execute it (without, the
+    /// bit marks mandatory locking, not a privilege).
+    All,
+}
+
 /// A change to the metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cmd {
@@ -254,6 +268,18 @@ pub enum Cmd {
         refs: Vec<(ChunkHash, u64)>,
         /// Bytes all views hold.
         logical: u64,
+    },
+    /// [`Cmd::SetAttr`], then drops `drop` in the same step, so no state
+    /// shows a file with a new owner or new bytes and its old privileges.
+    SetAttrDropping {
+        /// The inode.
+        ino: Ino,
+        /// What to change (nothing, for a write).
+        set: SetAttr,
+        /// What goes.
+        drop: DropPrivs,
+        /// When.
+        now: Time,
     },
 }
 

@@ -10,7 +10,7 @@ use pmd::ReactorHandle;
 
 use super::data::DataPool;
 use super::raft::{MetaOptions, MetaRaft, xattr_u64};
-use super::{Attr, ChunkRef, Cmd, Errno, Ino, Reply, SetAttr, Time};
+use super::{Attr, ChunkRef, Cmd, DropPrivs, Errno, Ino, Reply, SetAttr, Time};
 use crate::format::PAGE_SIZE;
 
 /// Bytes per page of file data.
@@ -132,6 +132,7 @@ impl FileSystem {
                 | Cmd::Rmdir { .. }
                 | Cmd::Rename { .. }
                 | Cmd::SetAttr { .. }
+                | Cmd::SetAttrDropping { .. }
                 | Cmd::RemoveXattr { .. }
                 | Cmd::Punch { .. }
                 | Cmd::PunchRange { .. }
@@ -363,7 +364,14 @@ impl FileSystem {
     /// must not land under their maps), reduced files, a file whose data
     /// lock would mean waiting, and near the end of the store's space.
     /// docs/fs.md, "Overwrites in place", says what a crash leaves.
-    pub(super) fn try_overwrite<A>(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], now: Time, answer: A) -> Result<(), A>
+    pub(super) fn try_overwrite<A>(
+        self: &Arc<Self>,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        now: Time,
+        answer: A,
+    ) -> Result<(), A>
     where
         A: FnOnce(Result<(), Errno>) + Send + 'static,
     {
@@ -379,7 +387,8 @@ impl FileSystem {
         let end = offset.saturating_add(len);
         let times = self.meta.read(|s| {
             let a = s.getattr(ino).ok()?;
-            (a.kind == super::FileKind::File && end <= a.size && !s.is_reduced(ino).ok()?).then(|| times_current(a, now))
+            (a.kind == super::FileKind::File && end <= a.size && !s.is_reduced(ino).ok()?)
+                .then(|| times_current(a, now))
         });
         let Some(current) = times else { return Err(answer) };
         let runs = match self.plan_read(ino, offset, data.len()) {
@@ -710,10 +719,11 @@ impl FileSystem {
         self.map_written(written, |chunks| Cmd::PunchRange { ino, holes: (first, last), chunks, now }).await
     }
 
-    /// Changes attributes; a size that cuts into a mapped page rewrites the
-    /// unit holding it with its tail zeroed, in the same command as the
-    /// size.
-    pub async fn setattr(&self, ino: Ino, mut set: SetAttr, now: Time) -> Result<Attr, Errno> {
+    /// Changes attributes, dropping `drop` with them if given (a change of
+    /// owner or a truncate: [`DropPrivs`]); a size that cuts into a mapped
+    /// page rewrites the unit holding it with its tail zeroed, in the same
+    /// command as the size.
+    pub async fn setattr(&self, ino: Ino, mut set: SetAttr, drop: Option<DropPrivs>, now: Time) -> Result<Attr, Errno> {
         let lock = self.writer(ino);
         let _alone = lock.write().await;
         let mut tail = None;
@@ -730,7 +740,26 @@ impl FileSystem {
                 set.tail = Some((index, chunk));
             }
         }
-        self.apply(Cmd::SetAttr { ino, set, now }).await.map(attributes).inspect_err(|_| self.data.free(tail))
+        let cmd = match drop {
+            None => Cmd::SetAttr { ino, set, now },
+            Some(drop) => Cmd::SetAttrDropping { ino, set, drop, now },
+        };
+        self.apply(cmd).await.map(attributes).inspect_err(|_| self.data.free(tail))
+    }
+
+    /// What a write of `ino` takes away ([`DropPrivs`]), if it holds any of
+    /// it: to run before the write. Whether there is anything to drop is a
+    /// cheap test ([`FileSystem::would_drop`]).
+    pub async fn drop_privs(&self, ino: Ino, drop: DropPrivs, now: Time) -> Result<(), Errno> {
+        if !self.would_drop(ino, drop)? {
+            return Ok(());
+        }
+        self.apply(Cmd::SetAttrDropping { ino, set: SetAttr::default(), drop, now }).await.map(|_| ())
+    }
+
+    /// Whether `ino` holds anything of `drop`.
+    pub fn would_drop(&self, ino: Ino, drop: DropPrivs) -> Result<bool, Errno> {
+        self.meta.read(|s| s.would_drop(ino, drop))
     }
 
     /// Makes everything written so far durable: file data, then metadata

@@ -24,7 +24,7 @@ pub mod reduced;
 pub mod state;
 pub mod types;
 
-pub use cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+pub use cmd::{Cmd, DropPrivs, RenameMode, Reply, SetAttr, XattrMode};
 pub use files::{FileSystem, KeySource};
 pub use reduce_io::{AuditReport, GcPass, ReduceStats};
 pub use state::{MetaState, Usage};

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::cmd::{Cmd, RenameMode, Reply, SetAttr, XattrMode};
+use super::cmd::{Cmd, DropPrivs, RenameMode, Reply, SetAttr, XattrMode};
 use super::reduced::{ReduceIndex, View};
 use super::types::*;
 use crate::reduce::ReducePolicy;
@@ -229,6 +229,15 @@ impl MetaState {
         Ok(matches!(self.inodes.get(&ino).ok_or(Errno::ENOENT)?.body, Body::Reduced { .. }))
     }
 
+    /// Whether dropping `drop` from `ino` would change anything (a write
+    /// needs no command for it then).
+    pub fn would_drop(&self, ino: Ino, drop: DropPrivs) -> Result<bool, Errno> {
+        let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+        let set_ids =
+            drop == DropPrivs::All && inode.attr.kind != FileKind::Dir && dropped_set_ids(inode.attr.perm) != 0;
+        Ok(set_ids || inode.xattrs.contains_key(CAPS_XATTR))
+    }
+
     /// The policy of a reduced file (`None` for a file stored plainly).
     pub fn reduce_policy(&self, ino: Ino) -> Result<Option<ReducePolicy>, Errno> {
         let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
@@ -416,6 +425,18 @@ impl MetaState {
                 self.rename(*parent, name, *new_parent, new_name, *mode, *now)
             }
             Cmd::SetAttr { ino, set, now } => self.setattr(*ino, set, *now),
+            Cmd::SetAttrDropping { ino, set, drop, now } => {
+                let reply = self.setattr(*ino, set, *now)?;
+                let inode = self.inodes.get_mut(ino).expect("setattr found it");
+                inode.xattrs.remove(CAPS_XATTR);
+                if *drop == DropPrivs::All && inode.attr.kind != FileKind::Dir {
+                    inode.attr.perm &= !dropped_set_ids(inode.attr.perm);
+                }
+                match reply {
+                    Reply::Attr(_, freed) => Ok(Reply::Attr(inode.attr.clone(), freed)),
+                    r => unreachable!("setattr replies with attributes, not {r:?}"),
+                }
+            }
             Cmd::SetXattr { ino, name, value, mode, now } => self.setxattr(*ino, name, value, *mode, *now),
             Cmd::RemoveXattr { ino, name, now } => {
                 let inode = self.inodes.get_mut(ino).ok_or(Errno::ENOENT)?;
@@ -1079,6 +1100,15 @@ fn check_name(name: &[u8]) -> Result<(), Errno> {
 }
 
 /// An extended attribute's name: in a namespace we keep, at most 255 bytes.
+/// The xattr holding a file's capabilities.
+const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// The set-ID bits of `perm` that [`DropPrivs::All`] takes away.
+fn dropped_set_ids(perm: u32) -> u32 {
+    let sgid = if perm & libc::S_IXGRP != 0 { libc::S_ISGID } else { 0 };
+    perm & (libc::S_ISUID | sgid)
+}
+
 fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
     if name.len() > XATTR_NAME_MAX {
         return Err(Errno::ERANGE);

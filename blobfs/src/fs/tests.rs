@@ -345,6 +345,47 @@ fn setattr_changes_what_it_is_given_and_always_the_ctime() {
     assert_eq!(err(&mut s, Cmd::SetAttr { ino: 999, set: trunc, now: Time(41) }), Errno::ENOENT);
 }
 
+#[test]
+fn dropping_privileges_takes_capabilities_and_the_set_id_bits_that_grant_something() {
+    let mut s = fs();
+    let f = mkfile(&mut s, ROOT, "f");
+    let d = mkdir(&mut s, ROOT, "d");
+    let caps = || Cmd::SetXattr {
+        ino: f,
+        name: b"security.capability".to_vec(),
+        value: vec![1; 20],
+        mode: XattrMode::Upsert,
+        now: Time(20),
+    };
+    let perm = |perm| SetAttr { perm: Some(perm), ..Default::default() };
+    let drop = |ino, set, drop| Cmd::SetAttrDropping { ino, set, drop, now: Time(30) };
+    // Capabilities only: the set-ID bits stay.
+    ok(&mut s, Cmd::SetAttr { ino: f, set: perm(0o6755), now: Time(21) });
+    ok(&mut s, caps());
+    assert!(s.would_drop(f, DropPrivs::Caps).unwrap());
+    let Reply::Attr(a, _) = ok(&mut s, drop(f, SetAttr::default(), DropPrivs::Caps)) else { panic!() };
+    assert_eq!((a.perm, a.ctime), (0o6755, Time(30)));
+    assert_eq!(s.getxattr(f, b"security.capability"), Err(Errno::ENODATA));
+    assert!(!s.would_drop(f, DropPrivs::Caps).unwrap());
+    // All: set-user-ID, and set-group-ID where the group may execute.
+    assert!(s.would_drop(f, DropPrivs::All).unwrap());
+    let Reply::Attr(a, _) = ok(&mut s, drop(f, SetAttr::default(), DropPrivs::All)) else { panic!() };
+    assert_eq!(a.perm, 0o0755);
+    // Applied after the change it comes with, in the same step.
+    let chown = SetAttr { uid: Some(7), ..perm(0o6745) };
+    let Reply::Attr(a, _) = ok(&mut s, drop(f, chown, DropPrivs::All)) else { panic!() };
+    assert_eq!((a.perm, a.uid), (0o2745, 7), "no group execute: set-group-ID marks locking and stays");
+    assert!(!s.would_drop(f, DropPrivs::All).unwrap());
+    // A directory keeps its bits.
+    ok(&mut s, Cmd::SetAttr { ino: d, set: perm(0o2775), now: Time(31) });
+    let Reply::Attr(a, _) = ok(&mut s, drop(d, SetAttr { gid: Some(9), ..Default::default() }, DropPrivs::All)) else {
+        panic!()
+    };
+    assert_eq!((a.perm, a.gid), (0o2775, 9));
+    assert_eq!(err(&mut s, drop(999, SetAttr::default(), DropPrivs::All)), Errno::ENOENT);
+    assert_eq!(s.would_drop(999, DropPrivs::Caps), Err(Errno::ENOENT));
+}
+
 fn chunk(blob: u64) -> ChunkRef {
     ChunkRef { blob, page: 0, pages: 16 }
 }
