@@ -37,6 +37,10 @@ echo "$doc" >&2
 doc=$(echo "$doc" | grep -E '^test result:')
 count "$(echo "$doc" | awk '{s+=$4} END {print s+0}')" "$(echo "$doc" | awk '{s+=$6} END {print s+0}')"
 
+# The API documentation builds without broken or private links.
+if RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet; then count 1 0
+else echo "FAILED: cargo doc (broken or private intra-doc links above)" >&2; count 0 1; fi
+
 # The README's main job, once.
 mkdir -p /tmp/claudefs-smoke-mnt
 if CLAUDEFS_SOCKET=/tmp/claudefs-smoke.sock CLAUDEFS_IMAGE=/var/tmp/claudefs-smoke.img \

@@ -76,7 +76,7 @@ const DIRTY_RATIO: u32 = 20;
 const READAHEAD_KB: u32 = MAX_WRITE / 1024;
 
 /// Sets the writeback and readahead limits of the mount on `path` (whose
-/// kernel defaults are far below what a local disk gets: [`DIRTY_RATIO`]).
+/// kernel defaults are far below what a local disk gets: `DIRTY_RATIO`).
 /// A limit that cannot be set is logged, and the mount works on with the
 /// kernel's.
 pub fn tune(path: &std::path::Path) {

@@ -14,7 +14,7 @@
 //!   the completion.
 //!
 //! Backends: [`null`], [`malloc`], [`uring`], and [`nvme`](mod@nvme): the
-//! userspace NVMe driver over [`vfio`]; the wrappers [`error`] (fault
+//! userspace NVMe driver over [`vfio`]; the wrappers `error` (fault
 //! injection) and [`crash`] (a volatile write cache that a simulated power cut
 //! tears) exist for tests.
 //!

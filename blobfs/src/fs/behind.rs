@@ -144,7 +144,7 @@ impl FileSystem {
     /// finishes behind on the metadata thread ([`super::raft::MetaRaft::runtime`], where
     /// its command needs no hand-off), as [`FileSystem::write_behind`] does.
     /// An O_DIRECT one over pages the file maps goes over them in place
-    /// when it can ([`FileSystem::try_overwrite`]); otherwise it is written
+    /// when it can (`FileSystem::try_overwrite`); otherwise it is written
     /// to new pages from a reactor, which calls `answer` once the device
     /// has the bytes, and the command that maps them follows there
     /// behind the answer, in the file's order of writes behind, with their

@@ -440,7 +440,7 @@ impl FileSystem {
     }
 
     /// One garbage collection pass: copies the live frames of the sparsest
-    /// segments below [`GC_LIVE_PERCENT`] (up to one segment's worth) into
+    /// segments below `GC_LIVE_PERCENT` (up to one segment's worth) into
     /// a new segment. Returns `None` when no segment qualifies.
     pub async fn gc_pass(&self) -> Result<Option<GcPass>, Errno> {
         let _ticket = self.data.ticket();
@@ -534,7 +534,7 @@ impl FileSystem {
     }
 
     /// Starts the background garbage collector: every second, passes until
-    /// no segment qualifies, at most [`GC_RATE`] bytes per second. Stopped
+    /// no segment qualifies, at most `GC_RATE` bytes per second. Stopped
     /// by [`FileSystem::shutdown`].
     pub fn start_gc(self: &Arc<Self>) {
         let fs = Arc::downgrade(self);

@@ -19,7 +19,7 @@
 //! completion. A send the provider refuses for now (`-FI_EAGAIN`, e.g. while
 //! rxm sets up its connection) waits in the link's queue, in order, and is
 //! retried after a wait that doubles while the provider keeps refusing
-//! (1 µs up to [`MAX_RETRY_NS`]): to a peer that is gone, every attempt of
+//! (1 µs up to `MAX_RETRY_NS`): to a peer that is gone, every attempt of
 //! rxm is a new TCP connect, which must not happen on every poll.
 
 use std::collections::{HashMap, VecDeque};

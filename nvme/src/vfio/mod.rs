@@ -12,7 +12,7 @@
 //! - the **device** fd: its regions (BAR0 holds the NVMe registers, mapped
 //!   with mmap) and its PCI configuration space.
 //!
-//! Every system call lives behind the small [`Kernel`] trait: [`sys`] is the
+//! Every system call lives behind the small `Kernel` trait: `sys` is the
 //! real one (ioctls, mmap, sysfs), [`twin`] an in-memory one with emulated
 //! NVMe controllers, so that the logic here and the whole driver above it run
 //! in unit tests without hardware. The trait is only used on the control path

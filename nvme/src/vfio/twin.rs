@@ -1,4 +1,4 @@
-//! The test twin of [`super::sys`]: an in-memory kernel with PCI devices,
+//! The test twin of `super::sys`: an in-memory kernel with PCI devices,
 //! IOMMU groups, VFIO containers and emulated NVMe controllers
 //! ([`Emu`]). The same container/group/device logic and the whole driver run
 //! against it in unit tests, and the driver's cost benchmark measures the

@@ -220,7 +220,7 @@ impl MetaRaft {
     }
 
     /// The runtime of the group's tasks: a task that proposes commands
-    /// runs best here ([`MetaThread`]).
+    /// runs best here (`MetaThread`).
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.thread.handle
     }

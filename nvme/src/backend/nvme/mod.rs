@@ -2,7 +2,7 @@
 //! through VFIO ([`crate::vfio`]), SPDK's `bdev_nvme` in spirit.
 //!
 //! [`attach`] takes the controller at a PCI address, brings it up
-//! ([`admin`]: disable, program the admin queue, enable, within CAP.TO),
+//! (`admin`: disable, program the admin queue, enable, within CAP.TO),
 //! identifies it and its namespaces, and registers every namespace as a bdev
 //! named `<controller>n<nsid>` (`Nvme0n1`). Each reactor that does I/O gets
 //! its own I/O queue pair ([`IoQpair`]), shared by all bdev channels of that

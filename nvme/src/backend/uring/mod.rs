@@ -1,5 +1,5 @@
 //! The uring bdev: a file or block device driven through io_uring, O_DIRECT
-//! by default, one ring per reactor (see [`ring`]).
+//! by default, one ring per reactor (see `ring`).
 //!
 //! Reads and writes use the ring's registered buffers when the request has one
 //! buffer from the DMA pool, else plain or vectored reads and writes. Flush is
