@@ -55,7 +55,7 @@ pub struct Args {
     /// first and last bytes, so that checking does not dominate the timing).
     #[arg(long)]
     verify: bool,
-    /// Core to run on: hex mask (0x1) or list (`[1]`); the first core is used.
+    /// Core to run on: hex mask (0x1) or list ([0,2-3]); the first core is used.
     #[arg(short = 'm', long = "cpumask", default_value = "0x1")]
     mask: String,
     /// Reactor idle policy (a benchmark polls without pause).
