@@ -453,7 +453,7 @@ fn writes_behind_their_replies_read_back_in_order_and_survive_a_power_cut_after_
         }
     }
     assert!(staged_now > 0 && staged_direct > 0, "no write was staged without waiting: {staged_direct} direct");
-    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino, None).await })).unwrap();
     // Whatever was not flushed is lost.
     fx.power_cut(nvme::crash::PowerCutMode::Drop, 11);
     fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
@@ -532,7 +532,7 @@ fn direct_overwrites_of_mapped_pages_go_in_place_and_survive_a_power_cut_after_f
     // no log record whose flush would take them along); a power cut that
     // drops what was not flushed leaves the synced bytes.
     overwrite(&mut fx, &mut model, 0, 1, 9, Time(5 * MS + 10));
-    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino, None).await })).unwrap();
     let synced = model.clone();
     for (i, page) in [2u64, 3, 17, 25].into_iter().enumerate() {
         overwrite(&mut fx, &mut model, page * 4096, 2, 20 + i as u64, Time(5 * MS + 10));
@@ -548,7 +548,7 @@ fn direct_overwrites_of_mapped_pages_go_in_place_and_survive_a_power_cut_after_f
     for (i, page) in [1u64, 9, 30].into_iter().enumerate() {
         overwrite(&mut fx, &mut model, page * 4096, 1, 30 + i as u64, Time(5 * MS + 10));
     }
-    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino, None).await })).unwrap();
     let synced = model.clone();
     for (i, page) in [1u64, 5, 6, 30].into_iter().enumerate() {
         overwrite(&mut fx, &mut model, page * 4096, 1, 40 + i as u64, Time(5 * MS + 10));
@@ -613,10 +613,13 @@ fn reads_answered_by_the_reactor_leave_files_with_writes_behind_to_a_task() {
     assert_eq!(fx.read_now(reduced, 0, 10), None, "a reduced file");
 }
 
-/// A device error met by a write after its reply is returned by the file's
-/// next flush (close), once; the file keeps what it held before.
+/// A device error met by a write after its reply is returned, as the
+/// kernel's errseq returns writeback errors, once to each handle of the
+/// file that was open when it happened (by its next flush, which is a
+/// close, or fsync), and to one opened before anyone was told of it, not
+/// to one opened after; the file keeps what it held before.
 #[test]
-fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once() {
+fn a_write_behind_that_fails_after_its_reply_is_reported_once_to_each_open_handle() {
     use nvme::error_bdev::{InjectConfig, InjectIoType, InjectKind};
     let mut fx = Fx::with_error_bdev(64);
     let ino = fx.create("f");
@@ -631,34 +634,51 @@ fn a_write_behind_that_fails_after_its_reply_is_reported_by_the_next_flush_once(
         skip: 0,
         torn_blocks: None,
     };
+    let (a, b) = (fx.fs.opened(ino), fx.fs.opened(ino));
     nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
     // The pages are backed already: the next device write is this one's.
     let new = pattern(2, 4096);
     let data = new.clone();
     fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await }))
         .expect("the write is answered before its device write");
-    let flush = |fx: &mut Fx| fx.run(move |fs| Box::pin(async move { fs.flush(ino).await }));
-    assert_eq!(flush(&mut fx), Err(Errno::EIO));
-    assert_eq!(flush(&mut fx), Ok(()), "reported once");
+    let flush = |fx: &mut Fx, fh| fx.run(move |fs| Box::pin(async move { fs.flush(ino, fh).await }));
+    assert_eq!(flush(&mut fx, a), Err(Errno::EIO));
+    assert_eq!(flush(&mut fx, a), Ok(()), "told once");
+    let c = fx.fs.opened(ino);
+    assert_eq!(fx.fs.write_error(b), Err(Errno::EIO), "and every handle that was open");
+    assert_eq!(fx.fs.write_error(b), Ok(()));
+    assert_eq!(fx.fs.write_error(c), Ok(()), "not one opened after it was told");
     // A close that does not wait (flush-behind) reports it too, once
-    // the write has met it.
+    // the write has met it; a handle opened before anyone was told of it
+    // hears of it as well.
     nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
     let data = new.clone();
     fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();
     fx.run(move |fs| Box::pin(async move { fs.settle(ino).await }));
-    assert_eq!(fx.fs.write_error(ino), Err(Errno::EIO));
-    assert_eq!(fx.fs.write_error(ino), Ok(()), "reported once");
+    let d = fx.fs.opened(ino);
+    assert_eq!(fx.fs.write_error(c), Err(Errno::EIO));
+    assert_eq!(fx.fs.write_error(c), Ok(()), "told once");
+    assert_eq!(fx.fs.write_error(d), Err(Errno::EIO), "opened before anyone was told");
+    let fsync = |fx: &mut Fx, fh| fx.run(move |fs| Box::pin(async move { fs.fsync(ino, Some(fh)).await }));
+    assert_eq!(fsync(&mut fx, a), Err(Errno::EIO), "fsync tells too");
+    assert_eq!(fsync(&mut fx, a), Ok(()));
     assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
     // An O_DIRECT write's answer carries its device error; nothing is
-    // left for the next flush.
+    // left for the handles.
     nvme::error_bdev::inject(&fx.h.registry, &inject(InjectKind::Failure, 1)).unwrap();
     assert_eq!(fx.try_now(ino, 4096, &new, true), Some(Err(Errno::EIO)));
-    assert_eq!(flush(&mut fx), Ok(()), "the answer reported it");
+    assert_eq!(flush(&mut fx, b), Err(Errno::EIO), "b was not told of the second error yet");
+    for fh in [a, b, c, d] {
+        assert_eq!(flush(&mut fx, fh), Ok(()), "handle {fh}: the answer reported it");
+    }
     assert_eq!(fx.read(ino, 0, before.len()), before, "the failed write changed the file");
     let data = new.clone();
     fx.run(move |fs| Box::pin(async move { fs.write_behind(ino, 4096, &data, Time(9)).await })).unwrap();
-    fx.run(move |fs| Box::pin(async move { fs.fsync(ino).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.fsync(ino, Some(b)).await })).unwrap();
     assert_eq!(fx.read(ino, 4096, 4096), new);
+    for fh in [a, b, c, d] {
+        fx.run(move |fs| Box::pin(async move { fs.released(ino, fh).await })).unwrap();
+    }
     fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
 }
 
@@ -668,11 +688,11 @@ fn an_unlinked_file_lives_while_open_and_its_space_comes_back_after() {
     let ino = fx.create("f");
     let (_, free_before) = fx.fs.space();
     fx.write(ino, 0, vec![5; 4 * CHUNK as usize]).unwrap();
-    fx.fs.opened(ino);
+    let fh = fx.fs.opened(ino);
     fx.apply(Cmd::Unlink { parent: ROOT, name: b"f".to_vec(), now: Time(20) }).unwrap();
     assert_eq!(fx.read(ino, 0, 10), vec![5; 10], "still readable through the open handle");
     assert!(fx.fs.space().1 < free_before);
-    fx.run(move |fs| Box::pin(async move { fs.released(ino).await })).unwrap();
+    fx.run(move |fs| Box::pin(async move { fs.released(ino, fh).await })).unwrap();
     fx.run(|fs| Box::pin(async move { fs.sync().await })).unwrap();
     assert_eq!(fx.fs.space().1, free_before, "the last close frees its data, once that is durable");
     let gone = fx.run(move |fs| Box::pin(async move { fs.meta().read(|s| s.getattr(ino).err()) }));

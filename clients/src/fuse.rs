@@ -454,12 +454,12 @@ impl Filesystem for Fuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
             Ok(()) => {
-                self.fs.opened(ino.0);
-                // A handle that cannot write has nothing to flush, and its
-                // close must not take (and so hide) an error a writer's
-                // write behind met: the kernel sends no FLUSH for it.
+                let fh = FileHandle(self.fs.opened(ino.0));
+                // A handle that cannot write has nothing to flush: the
+                // kernel sends no FLUSH for its close (its fsync still
+                // reports errors of writes behind).
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-                reply.opened(FileHandle(0), if read_only { OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH } else { OPEN_FLAGS })
+                reply.opened(fh, if read_only { OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH } else { OPEN_FLAGS })
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -487,8 +487,8 @@ impl Filesystem for Fuse {
             match fs.apply(cmd).await {
                 Ok(Reply::Entry(a)) => {
                     fs.looked_up(a.ino);
-                    fs.opened(a.ino);
-                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(0), OPEN_FLAGS);
+                    let fh = FileHandle(fs.opened(a.ino));
+                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), fh, OPEN_FLAGS);
                 }
                 Ok(_) => reply.error(fuser::Errno::EIO),
                 Err(e) => reply.error(errno(e)),
@@ -589,31 +589,32 @@ impl Filesystem for Fuse {
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
         // Flush-behind: a close does not wait for the file's writes still
         // behind (whatever reads the file settles them first, and fsync
-        // waits for them); it reports an error one of them has met.
-        reply_empty(reply, self.fs.write_error(ino.0))
+        // waits for them); it reports an error one of them has met that
+        // this handle was not told of.
+        reply_empty(reply, self.fs.write_error(fh.0))
     }
 
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release_handle(ino.0) {
+        match self.fs.release_handle(ino.0, fh.0) {
             false => reply.ok(),
             true => self.spawn_meta(move |fs| async move { reply_empty(reply, fs.reclaim_unheld(ino.0).await) }),
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(move |fs| async move { reply_empty(reply, fs.fsync(ino.0).await) });
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.fsync(ino.0, Some(fh.0)).await) });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

@@ -15,9 +15,11 @@
 //!   ([`FileSystem::writing`] is the cheap test for whether it must).
 //! - Space is allocated before the reply, so ENOSPC is the write's own
 //!   error. A device or metadata error after the reply is kept for the
-//!   file and returned by its next `fsync`, or by a close that comes after
-//!   it ([`FileSystem::write_error`]: a close does not wait for writes
-//!   behind), as the kernel reports writeback errors.
+//!   file and returned, once to each open file (handle) that was open
+//!   when it happened or opens before anyone has seen it, by that handle's
+//!   next `fsync`, or by its close if the error came first
+//!   ([`FileSystem::write_error`]: a close does not wait for writes
+//!   behind), as the kernel's errseq reports writeback errors.
 //! - Near the end of the store's space, and for reduced files, writes go
 //!   through as before.
 //! - At most [`BUDGET`] bytes are behind at once; beyond it a write waits.
@@ -40,6 +42,9 @@ pub const BUDGET: usize = 64 << 20;
 /// The writes of each file that are behind their replies.
 pub(super) struct Behind {
     files: Mutex<HashMap<Ino, File>>,
+    /// Errors of writes behind, per file, and what each open handle has
+    /// been told of them.
+    errors: Mutex<Errors>,
     /// Permits of 4 KiB: [`BUDGET`] in all.
     budget: Arc<Semaphore>,
 }
@@ -50,8 +55,27 @@ struct File {
     /// Closed once the latest write behind has mapped its pages (or
     /// failed): the next one maps after it.
     tail: Option<oneshot::Receiver<()>>,
-    /// The first error of a write behind since the last flush or fsync.
-    error: Option<Errno>,
+}
+
+/// Write-behind errors as the kernel's errseq keeps writeback errors: a
+/// file counts its errors; a handle remembers the count it has been told
+/// of (or, opened after an error nobody has seen yet, one short of it).
+#[derive(Default)]
+struct Errors {
+    files: HashMap<Ino, FileErrors>,
+    /// Open handles: the file and the errors they have been told of.
+    handles: HashMap<u64, (Ino, u64)>,
+    next: u64,
+}
+
+#[derive(Default)]
+struct FileErrors {
+    /// Errors so far.
+    count: u64,
+    /// The latest.
+    last: Option<Errno>,
+    /// Whether a handle has been told of the latest.
+    seen: bool,
 }
 
 /// A file's data lock as a write holds it.
@@ -62,7 +86,45 @@ pub(super) enum Held {
 
 impl Behind {
     pub(super) fn new() -> Behind {
-        Behind { files: Mutex::default(), budget: Arc::new(Semaphore::new(BUDGET / 4096)) }
+        Behind { files: Mutex::default(), errors: Mutex::default(), budget: Arc::new(Semaphore::new(BUDGET / 4096)) }
+    }
+
+    fn errors(&self) -> std::sync::MutexGuard<'_, Errors> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new handle of `ino`: it will be told of errors from now on, and of
+    /// one nobody has been told of yet.
+    pub(super) fn open(&self, ino: Ino) -> u64 {
+        let mut e = self.errors();
+        let told = e.files.get(&ino).map_or(0, |f| if f.seen { f.count } else { f.count.saturating_sub(1) });
+        e.next += 1;
+        let fh = e.next;
+        e.handles.insert(fh, (ino, told));
+        fh
+    }
+
+    /// Forgets a closed handle.
+    pub(super) fn close(&self, fh: u64) {
+        self.errors().handles.remove(&fh);
+    }
+
+    /// Forgets `ino`'s errors (the client has forgotten the inode).
+    pub(super) fn forget(&self, ino: Ino) {
+        self.errors().files.remove(&ino);
+    }
+
+    /// The latest error of `fh`'s file that `fh` has not been told of.
+    fn check(&self, fh: u64) -> Option<Errno> {
+        let e = &mut *self.errors();
+        let (ino, told) = e.handles.get_mut(&fh)?;
+        let f = e.files.get_mut(ino)?;
+        if f.count == *told {
+            return None;
+        }
+        *told = f.count;
+        f.seen = true;
+        f.last
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, File>> {
@@ -90,26 +152,17 @@ impl Behind {
 
     /// A write behind of `ino` is done with `result`.
     fn end(&self, ino: Ino, result: Result<(), Errno>) {
+        if let Err(e) = result {
+            let mut errors = self.errors();
+            let f = errors.files.entry(ino).or_default();
+            (f.count, f.last, f.seen) = (f.count + 1, Some(e), false);
+        }
         let mut files = self.files();
         let Some(f) = files.get_mut(&ino) else { return };
         f.in_flight -= 1;
-        if let Err(e) = result {
-            f.error.get_or_insert(e);
-        }
-        if f.in_flight == 0 && f.error.is_none() {
-            files.remove(&ino);
-        }
-    }
-
-    /// The error a write behind of `ino` met since the last call, if any.
-    fn take_error(&self, ino: Ino) -> Option<Errno> {
-        let mut files = self.files();
-        let f = files.get_mut(&ino)?;
-        let e = f.error.take();
         if f.in_flight == 0 {
             files.remove(&ino);
         }
-        e
     }
 }
 
@@ -330,24 +383,27 @@ impl FileSystem {
     }
 
     /// `ino`'s writes settled, and the error one of them met after its
-    /// reply, if any (returned once).
-    pub async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+    /// reply that handle `fh` of it has not been told of, if any.
+    pub async fn flush(&self, ino: Ino, fh: u64) -> Result<(), Errno> {
         self.settle(ino).await;
-        self.write_error(ino)
+        self.write_error(fh)
     }
 
-    /// The error a write behind of `ino` met after its reply, if one has
-    /// (returned once), without waiting for the writes still behind: what
+    /// The error a write behind met after its reply that handle `fh` has
+    /// not been told of, if any (each handle is told once: the module's
+    /// description), without waiting for the writes still behind: what
     /// `close` reports (flush-behind).
-    pub fn write_error(&self, ino: Ino) -> Result<(), Errno> {
-        self.behind.take_error(ino).map_or(Ok(()), Err)
+    pub fn write_error(&self, fh: u64) -> Result<(), Errno> {
+        self.behind.check(fh).map_or(Ok(()), Err)
     }
 
-    /// `fsync` of `ino`: [`FileSystem::flush`], then everything durable.
-    pub async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
-        let flushed = self.flush(ino).await;
+    /// `fsync` of `ino`: its writes settled and everything durable, then
+    /// what [`FileSystem::write_error`] tells `fh`, given the handle the
+    /// fsync came through.
+    pub async fn fsync(&self, ino: Ino, fh: Option<u64>) -> Result<(), Errno> {
+        self.settle(ino).await;
         self.sync().await?;
-        flushed
+        fh.map_or(Ok(()), |fh| self.write_error(fh))
     }
 }
 

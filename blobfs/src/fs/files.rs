@@ -202,9 +202,12 @@ impl FileSystem {
         if inos.is_empty() {
             return Ok(());
         }
-        if let Reply::Freed(freed) = self.meta.write(Cmd::Reclaim { inos }).await? {
+        let reply = self.meta.write(Cmd::Reclaim { inos: inos.clone() }).await?;
+        if let Reply::Freed(freed) = reply {
             self.data.free_after(self.meta.log_position(), freed);
         }
+        // An error its last writes behind met dies with it.
+        inos.into_iter().for_each(|ino| self.behind.forget(ino));
         Ok(())
     }
 
@@ -212,20 +215,24 @@ impl FileSystem {
         self.refs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an open handle of `ino`.
-    pub fn opened(&self, ino: Ino) {
+    /// Records an open handle of `ino` and returns its number: the handle
+    /// is told of errors of writes behind once each
+    /// ([`FileSystem::write_error`]).
+    pub fn opened(&self, ino: Ino) -> u64 {
         self.refs().entry(ino).or_default().open += 1;
+        self.behind.open(ino)
     }
 
     /// Drops an open handle; the last hold of an unlinked inode frees it.
-    pub async fn released(&self, ino: Ino) -> Result<(), Errno> {
-        if self.release_handle(ino) { self.reclaim_unheld(ino).await } else { Ok(()) }
+    pub async fn released(&self, ino: Ino, fh: u64) -> Result<(), Errno> {
+        if self.release_handle(ino, fh) { self.reclaim_unheld(ino).await } else { Ok(()) }
     }
 
-    /// Drops an open handle of `ino` at once. Returns whether that was the
-    /// last hold of an unlinked inode, which
+    /// Drops open handle `fh` of `ino` at once. Returns whether that was
+    /// the last hold of an unlinked inode, which
     /// [`FileSystem::reclaim_unheld`] then frees.
-    pub fn release_handle(&self, ino: Ino) -> bool {
+    pub fn release_handle(&self, ino: Ino, fh: u64) -> bool {
+        self.behind.close(fh);
         self.unhold(ino, |r| r.open = r.open.saturating_sub(1))
     }
 
@@ -264,6 +271,7 @@ impl FileSystem {
             refs.remove(&ino);
         }
         self.forget_writer(ino);
+        self.behind.forget(ino);
         self.meta.read(|s| s.getattr(ino).is_ok_and(|a| a.nlink == 0))
     }
 
