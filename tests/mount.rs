@@ -650,8 +650,21 @@ fn writes_truncates_and_chowns_drop_set_id_bits_and_capabilities() {
     let Some((dir, image, mnt)) = setup() else { return };
     // The user below must reach the mount.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let up = Up::start(dir.path(), &image, &mnt).unwrap();
-    let f = mnt.join("f");
+    // Without and with the kernel's writeback cache (whose writes reach us
+    // from the kernel's flusher, not from the writer).
+    for extra in [&[][..], &["--writeback-cache"]] {
+        let up = Up::spawn_with(dir.path(), &image, &mnt, "256m", extra).wait_mounted().unwrap();
+        let work = mnt.join("work");
+        std::fs::create_dir(&work).unwrap();
+        drops_privileges_in(&work, &format!("{extra:?}"));
+        std::fs::remove_dir_all(&work).unwrap();
+        up.down();
+    }
+}
+
+/// The body of `writes_truncates_and_chowns_drop_set_id_bits_and_capabilities`, in `dir` on the mount.
+fn drops_privileges_in(dir: &Path, how: &str) {
+    let f = dir.join("f");
     std::fs::write(&f, b"abc").unwrap();
     // A version 2 capability set: CAP_NET_BIND_SERVICE, effective.
     let caps: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -670,35 +683,34 @@ fn writes_truncates_and_chowns_drop_set_id_bits_and_capabilities() {
             .arg(&f)
             .status()
             .unwrap();
-        assert!(status.success(), "{script} as nobody: {status}");
+        assert!(status.success(), "{how}: {script} as nobody: {status}");
     };
     let append_as_root = || std::fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"r").unwrap();
 
     set(0o6757, true);
     append_as_root();
-    assert_eq!((mode(), has_caps()), (0o6757, false), "a write by root: the caps go, the set-ID bits stay");
+    assert_eq!((mode(), has_caps()), (0o6757, false), "{how}: a write by root: the caps go, the set-ID bits stay");
     set(0o6757, true);
     as_nobody(r#"printf x >> "$1""#);
-    assert_eq!((mode(), has_caps()), (0o0757, false), "a write by a user: both go");
+    assert_eq!((mode(), has_caps()), (0o0757, false), "{how}: a write by a user: both go");
     set(0o2646, false);
     as_nobody(r#"printf x >> "$1""#);
-    assert_eq!(mode(), 0o2646, "set-group-ID without group execute marks locking, and stays");
+    assert_eq!(mode(), 0o2646, "{how}: set-group-ID without group execute marks locking, and stays");
     set(0o6757, true);
     as_nobody(r#"truncate -s 1 "$1""#);
-    assert_eq!((mode(), has_caps()), (0o0757, false), "a truncate by a user");
+    assert_eq!((mode(), has_caps()), (0o0757, false), "{how}: a truncate by a user");
     set(0o6757, true);
     std::fs::File::options().write(true).open(&f).unwrap().set_len(5).unwrap();
-    assert_eq!((mode(), has_caps()), (0o6757, false), "a truncate by root");
+    assert_eq!((mode(), has_caps()), (0o6757, false), "{how}: a truncate by root");
     set(0o6757, true);
     std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
-    assert_eq!((mode(), has_caps()), (0o0757, false), "a change of owner, even by root");
-    let d = mnt.join("d");
+    assert_eq!((mode(), has_caps()), (0o0757, false), "{how}: a change of owner, even by root");
+    let d = dir.join("d");
     std::fs::create_dir(&d).unwrap();
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2755)).unwrap();
     std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
-    assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o2755, "a directory keeps its set-group-ID bit");
-    assert_eq!(std::fs::read(&f).unwrap(), b"a\0\0\0\0", "cut to 1 byte, then grown to 5");
-    up.down();
+    assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o2755, "{how}: a directory keeps its set-group-ID bit");
+    assert_eq!(std::fs::read(&f).unwrap(), b"a\0\0\0\0", "{how}: cut to 1 byte, then grown to 5");
 }
 
 /// Sets an xattr through the mount (std has no call for it).
