@@ -69,6 +69,8 @@ struct PageAlloc {
     hint: u64,
     /// Pool clusters backed by store clusters (data has landed in them).
     backed: Vec<bool>,
+    /// How many are.
+    backed_count: u64,
     pages_per_cluster: u64,
     /// Sequence of tickets and frees.
     seq: u64,
@@ -110,12 +112,20 @@ impl PageAlloc {
             pages,
             free: pages,
             hint: 0,
+            backed_count: backed.iter().filter(|&&b| b).count() as u64,
             backed,
             pages_per_cluster,
             seq: 0,
             reads: BTreeMap::new(),
             deferred: BTreeMap::new(),
             unlogged: BTreeMap::new(),
+        }
+    }
+
+    /// Counts pool cluster `c` as backed.
+    fn back(&mut self, c: usize) {
+        if !std::mem::replace(&mut self.backed[c], true) {
+            self.backed_count += 1;
         }
     }
 
@@ -286,10 +296,19 @@ impl DataPool {
         self.store.free_clusters() < self.reserve
     }
 
-    /// Pages in the pool, and pages free.
+    /// Pages file data may take in all (those it holds and those it can
+    /// still take), and pages it can still take: the free pages of the
+    /// clusters the pool has, and those of the store's free clusters beyond
+    /// the metadata reserve, which the pool backs as it needs them (the
+    /// store's other clusters hold metadata, or are its reserve).
     pub fn space(&self) -> (u64, u64) {
         let a = self.lock();
-        (a.pages, a.free)
+        let ppc = a.pages_per_cluster;
+        let unbacked = a.backed.len() as u64 - a.backed_count;
+        let backed_free = a.free.saturating_sub(unbacked * ppc);
+        let growable = self.store.free_clusters().saturating_sub(self.reserve).min(unbacked) * ppc;
+        let free = backed_free + growable;
+        (a.pages - a.free + free, free)
     }
 
     /// Allocates `pages` pages: one run if a free run is that long, else
@@ -338,7 +357,7 @@ impl DataPool {
                 break;
             }
             for &c in &new {
-                a.backed[c] = true;
+                a.back(c);
             }
             back.extend(new);
             let c = ChunkRef { blob: self.blob.id(), page, pages: want as u32 };
@@ -359,7 +378,7 @@ impl DataPool {
             let ahead = (BACK_AHEAD / (a.pages_per_cluster * PAGE_SIZE as u64)).min(room) as usize;
             let more: Vec<usize> = (last + 1..a.backed.len()).take_while(|&c| !a.backed[c]).take(ahead).collect();
             for &c in &more {
-                a.backed[c] = true;
+                a.back(c);
             }
             back.extend(more);
         }
