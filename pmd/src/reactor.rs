@@ -332,6 +332,7 @@ impl ReactorSeed {
             }
         }));
         Reactor {
+            shared: self.handle.shared.clone(),
             core: Core {
                 executor,
                 locals: HashMap::new(),
@@ -368,6 +369,10 @@ struct Core {
 
 /// A single-threaded event loop. See the module docs.
 pub struct Reactor {
+    /// The handle's shared half, held here too so that a round of
+    /// [`Reactor::poll`] borrows it beside `core` instead of cloning the
+    /// `Arc` (two atomic read-modify-writes a round).
+    shared: Arc<Shared>,
     core: Core,
     last_now: Option<u64>,
     last_busy: bool,
@@ -428,7 +433,7 @@ impl Reactor {
 
     /// Advances the reactor by one round at time `now`. See the module docs.
     pub fn poll(&mut self, now: u64, budget: usize) -> PollOutcome {
-        let shared = self.core.handle.shared.clone();
+        let shared = &*self.shared;
         let stats = &shared.stats;
         let core = &mut self.core;
         if let Some(last) = self.last_now {
