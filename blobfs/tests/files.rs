@@ -562,6 +562,83 @@ fn direct_overwrites_of_mapped_pages_go_in_place_and_survive_a_power_cut_after_f
     }
 }
 
+/// Direct overwrites in place, racing copy-on-write writes of the same pages
+/// (which free the pages the overwrites look up) and writes of another file
+/// (which take pages as they come free): every page of the first file ends
+/// as one of the writes to it, the other file exactly as written, and the
+/// metadata and the store whole. An overwrite that landed on a page after
+/// it went to the other file would show there. (Pages come free only once
+/// the command that let them go is durable, so that takes a slow device
+/// write; that no page is reused while a read or an overwrite that looked
+/// it up is in flight is `frees_wait_for_reads_that_began_before_them`.)
+#[test]
+fn overwrites_in_place_racing_copy_on_write_and_other_files_stay_in_their_pages() {
+    use std::collections::HashSet;
+    const PAGES: u64 = 16;
+    let mut fx = Fx::new(64);
+    let (a, b) = (fx.create("a"), fx.create("b"));
+    let first = pattern(1, (PAGES * 4096) as usize);
+    fx.write(a, 0, first.clone()).unwrap();
+    let mut seen: Vec<HashSet<Vec<u8>>> = first.chunks(4096).map(|c| HashSet::from([c.to_vec()])).collect();
+    let direct: Vec<(u64, Vec<u8>)> = (0..300).map(|i| (i % PAGES, pattern(1000 + i, 4096))).collect();
+    let cow: Vec<(u64, Vec<u8>)> = (0..100).map(|i| ((i * 7) % PAGES, pattern(5000 + i, 4096))).collect();
+    let other: Vec<(u64, Vec<u8>)> = (0..100).map(|i| ((i * 3) % 40 * 4096, pattern(9000 + i, 8192))).collect();
+    for (p, d) in direct.iter().chain(&cow) {
+        seen[*p as usize].insert(d.clone());
+    }
+    let mut model_b = Vec::new();
+    for (offset, d) in &other {
+        model_write(&mut model_b, *offset, d);
+    }
+    let in_place = fx.run(move |fs| {
+        Box::pin(async move {
+            let f = fs.clone();
+            let overwrites = tokio::spawn(async move {
+                let mut in_place = 0;
+                for (i, (p, d)) in direct.into_iter().enumerate() {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    // Time stays in one span: nothing but the first needs a command.
+                    let now = Time(9 + i as i64);
+                    match f.try_write_now(a, p * 4096, &d, now, true, move |r| tx.send(r).unwrap()) {
+                        Ok(()) => {
+                            rx.await.unwrap().unwrap();
+                            in_place += 1;
+                        }
+                        Err(_) => {
+                            f.write(a, p * 4096, &d, now).await.unwrap();
+                        }
+                    }
+                }
+                in_place
+            });
+            let f = fs.clone();
+            let rewrites = tokio::spawn(async move {
+                for (p, d) in cow {
+                    f.write(a, p * 4096, &d, Time(9)).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            let f = fs.clone();
+            let others = tokio::spawn(async move {
+                for (offset, d) in other {
+                    f.write(b, offset, &d, Time(9)).await.unwrap();
+                }
+            });
+            let (in_place, _, _) = tokio::try_join!(overwrites, rewrites, others).unwrap();
+            in_place
+        })
+    });
+    assert!(in_place > 0, "no overwrite went in place");
+    let got = fx.read(a, 0, (PAGES * 4096) as usize);
+    for (p, page) in got.chunks(4096).enumerate() {
+        assert!(seen[p].contains(page), "page {p} of a holds bytes nobody wrote there");
+    }
+    assert!(fx.read(b, 0, model_b.len()) == model_b, "the other file's bytes changed");
+    fx.run(|fs| Box::pin(async move { fs.meta().read(|s| s.check()) })).unwrap();
+    let s = fx.store.clone();
+    assert_eq!(fx.h.run(async move { s.check().await }).unwrap(), Vec::<String>::new());
+}
+
 /// A write that would have to wait (part of a unit, whose other bytes must
 /// be read) is not staged without waiting, and nothing of it happens; bad
 /// targets are refused at once.
