@@ -641,10 +641,10 @@ fn the_writeback_cache_loses_nothing_at_down_or_after_fsync() {
 
 /// The file system drops privileges itself (FUSE's KILLPRIV_V2, which
 /// spares each write a GETXATTR round trip), as a local file system's VFS
-/// does: any write or truncate takes a file's capabilities; one by a user
-/// without CAP_FSETID takes the set-user-ID bit too, and the set-group-ID
-/// bit where the group may execute; a change of owner takes them whoever
-/// makes it, but not from a directory.
+/// does: any write, truncate or fallocate takes a file's capabilities; one
+/// by a user without CAP_FSETID takes the set-user-ID bit too, and the
+/// set-group-ID bit where the group may execute; a change of owner takes
+/// them whoever makes it, but not from a directory.
 #[test]
 fn writes_truncates_and_chowns_drop_set_id_bits_and_capabilities() {
     let Some((dir, image, mnt)) = setup() else { return };
@@ -699,6 +699,9 @@ fn drops_privileges_in(dir: &Path, how: &str) {
     set(0o6757, true);
     as_nobody(r#"truncate -s 1 "$1""#);
     assert_eq!((mode(), has_caps()), (0o0757, false), "{how}: a truncate by a user");
+    set(0o6757, true);
+    as_nobody(r#"fallocate -l 2 "$1""#);
+    assert_eq!((mode(), has_caps()), (0o0757, false), "{how}: a fallocate by a user");
     set(0o6757, true);
     std::fs::File::options().write(true).open(&f).unwrap().set_len(5).unwrap();
     assert_eq!((mode(), has_caps()), (0o6757, false), "{how}: a truncate by root");
