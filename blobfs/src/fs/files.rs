@@ -392,17 +392,17 @@ impl FileSystem {
         // Pages an overwrite elsewhere lets go of meanwhile are not reused
         // before this write is done.
         let ticket = Reading { seq: self.data.ticket().detach(), fs: self.clone() };
-        let end = offset.saturating_add(len);
-        let times = self.meta.read(|s| {
-            let a = s.getattr(ino).ok()?;
-            (a.kind == super::FileKind::File && end <= a.size && !s.is_reduced(ino).ok()?)
-                .then(|| times_current(a, now))
-        });
-        let Some(current) = times else { return Err(answer) };
+        // Runs that cover every byte: pages a plain file maps, within its
+        // size (past it, a reduced file's or anything but a file's, there
+        // are fewer or none, or an error).
         let runs = match self.plan_read(ino, offset, data.len()) {
             Ok((n, runs)) if n == data.len() && runs.iter().map(|(_, _, r)| r.len()).sum::<usize>() == n => runs,
-            _ => return Err(answer), // holes: they need pages
+            _ => return Err(answer),
         };
+        let Ok(current) = self.meta.read(|s| s.getattr(ino).map(|a| times_current(a, now))) else {
+            return Err(answer);
+        };
+        let end = offset + len;
         let mut writes = Vec::with_capacity(runs.len());
         for (run, _, range) in runs {
             let Ok(mut buf) = pmd::DmaBuf::new(range.len()) else { return Err(answer) };

@@ -233,9 +233,7 @@ impl MetaState {
     /// needs no command for it then).
     pub fn would_drop(&self, ino: Ino, drop: DropPrivs) -> Result<bool, Errno> {
         let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
-        let set_ids =
-            drop == DropPrivs::All && inode.attr.kind != FileKind::Dir && dropped_set_ids(inode.attr.perm) != 0;
-        Ok(set_ids || inode.xattrs.contains_key(CAPS_XATTR))
+        Ok(dropped_set_ids(&inode.attr, drop) != 0 || inode.xattrs.contains_key(CAPS_XATTR))
     }
 
     /// The policy of a reduced file (`None` for a file stored plainly).
@@ -429,9 +427,7 @@ impl MetaState {
                 let reply = self.setattr(*ino, set, *now)?;
                 let inode = self.inodes.get_mut(ino).expect("setattr found it");
                 inode.xattrs.remove(CAPS_XATTR);
-                if *drop == DropPrivs::All && inode.attr.kind != FileKind::Dir {
-                    inode.attr.perm &= !dropped_set_ids(inode.attr.perm);
-                }
+                inode.attr.perm &= !dropped_set_ids(&inode.attr, *drop);
                 match reply {
                     Reply::Attr(_, freed) => Ok(Reply::Attr(inode.attr.clone(), freed)),
                     r => unreachable!("setattr replies with attributes, not {r:?}"),
@@ -1099,16 +1095,21 @@ fn check_name(name: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-/// An extended attribute's name: in a namespace we keep, at most 255 bytes.
 /// The xattr holding a file's capabilities.
 const CAPS_XATTR: &[u8] = b"security.capability";
 
-/// The set-ID bits of `perm` that [`DropPrivs::All`] takes away.
-fn dropped_set_ids(perm: u32) -> u32 {
-    let sgid = if perm & libc::S_IXGRP != 0 { libc::S_ISGID } else { 0 };
-    perm & (libc::S_ISUID | sgid)
+/// The permission bits `drop` takes from an inode with attributes `a`:
+/// none for [`DropPrivs::Caps`] or a directory; else the set-user-ID bit,
+/// and the set-group-ID bit if the group may execute.
+fn dropped_set_ids(a: &Attr, drop: DropPrivs) -> u32 {
+    if drop != DropPrivs::All || a.kind == FileKind::Dir {
+        return 0;
+    }
+    let sgid = if a.perm & libc::S_IXGRP != 0 { libc::S_ISGID } else { 0 };
+    a.perm & (libc::S_ISUID | sgid)
 }
 
+/// An extended attribute's name: in a namespace we keep, at most 255 bytes.
 fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
     if name.len() > XATTR_NAME_MAX {
         return Err(Errno::ERANGE);
