@@ -558,6 +558,14 @@ fn bad_mount_points_are_refused_with_their_reason() {
     std::fs::create_dir(&second).unwrap();
     let err = Up::refused(&second, &second.join("other.img"), &mnt);
     assert!(err.contains("is already a mount point"), "{err}");
+    // The same file system on a second mount point: two metadata groups on
+    // one log would each miss the other's files.
+    let again = dir.path().join("again");
+    std::fs::create_dir(&again).unwrap();
+    let out = Command::new(BIN).arg("mount").arg("-s").arg(&up.socket).arg(&again).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !mounted(&again), "a second mount of one file system: {err}");
+    assert!(err.contains(&format!("already mounted on {}", mnt.canonicalize().unwrap().display())), "{err}");
     std::fs::write(mnt.join("still"), b"ok").unwrap();
     up.down();
 }

@@ -1,6 +1,6 @@
 //! fs_* methods: a file system on a loaded blobstore, mounted through FUSE.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -119,12 +119,54 @@ struct Mount {
 #[derive(Default)]
 pub struct FsState {
     mounts: Mutex<BTreeMap<PathBuf, Mount>>,
+    /// Mount points and bdevs of mounts still opening ([`FsState::claim`]).
+    opening: Mutex<BTreeSet<(PathBuf, String)>>,
     runtime: OnceLock<tokio::runtime::Runtime>,
+}
+
+/// A mount point and bdev held for a mount until it is in the table (or
+/// has failed).
+struct Claim<'a> {
+    state: &'a FsState,
+    key: (PathBuf, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.state.opening.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 impl FsState {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Mount>> {
         self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `path` and the file system on `bdev` for a new mount, refusing
+    /// either if a mount (or one still opening) has it already. A file
+    /// system opened twice would be two metadata groups writing one log,
+    /// each blind to the other's files: a second path to one file system
+    /// is a bind mount of the first.
+    fn claim(&self, path: &Path, bdev: &str) -> Result<Claim<'_>, RpcError> {
+        let mounts = self.lock();
+        let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if mounts.contains_key(path) || opening.iter().any(|(p, _)| p == path) {
+            return Err(RpcError::errno(libc::EBUSY, format!("{} is already mounted", path.display())));
+        }
+        let mounted = mounts.iter().find(|(_, m)| m.params.bdev_name == bdev).map(|(p, _)| p.as_path());
+        if let Some(at) = mounted.or_else(|| opening.iter().find(|(_, b)| b == bdev).map(|(p, _)| p.as_path())) {
+            return Err(RpcError::errno(
+                libc::EBUSY,
+                format!(
+                    "the file system on bdev {bdev} is already mounted on {}; for a second path to it, \
+                     bind-mount that one (mount --bind)",
+                    at.display()
+                ),
+            ));
+        }
+        let key = (path.to_path_buf(), bdev.to_string());
+        opening.insert(key.clone());
+        Ok(Claim { state: self, key })
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, RpcError> {
@@ -312,9 +354,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             let a = a.clone();
             async move {
                 let path = check_mountpoint(&p.mountpoint)?;
-                if a.fs.lock().contains_key(&path) {
-                    return Err(RpcError::errno(libc::EBUSY, format!("{} is already mounted", path.display())));
-                }
+                let _claim = a.fs.claim(&path, &p.bdev_name)?;
                 let store = a.blobstore(&p.bdev_name)?;
                 let rt = a.fs.runtime()?;
                 let reactors = a.reactors.to_vec();
