@@ -77,6 +77,23 @@ impl App {
         })
     }
 
+    /// The blobstore loaded on `bdev`, for a method that changes its blobs:
+    /// refused (EBUSY) while a file system on it is mounted, since its
+    /// blobs (root, metadata log, data) change only through the file system.
+    pub fn blobstore_to_change(&self, bdev: &str) -> Result<blobfs::Blobstore, RpcError> {
+        let store = self.blobstore(bdev)?;
+        match self.fs.mounted_from(bdev) {
+            Some(at) => Err(RpcError::errno(
+                libc::EBUSY,
+                format!(
+                    "the blobstore on bdev {bdev:?} holds the file system mounted on {}; unmount it first",
+                    at.display()
+                ),
+            )),
+            None => Ok(store),
+        }
+    }
+
     /// Unloads every blobstore cleanly (at shutdown); failures are logged.
     pub async fn unload_blobstores(&self) {
         let stores: Vec<(String, blobfs::Blobstore)> =

@@ -566,7 +566,27 @@ fn bad_mount_points_are_refused_with_their_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !mounted(&again), "a second mount of one file system: {err}");
     assert!(err.contains(&format!("already mounted on {}", mnt.canonicalize().unwrap().display())), "{err}");
+    // Nor do the blob methods change the blobs of a mounted file system
+    // (its root, its metadata log, its data); reading them is fine.
+    let blobs = up.rpc("blob_list", serde_json::json!({ "bdev_name": "Uring0" }));
+    assert!(blobs.as_array().is_some_and(|b| b.len() >= 3), "{blobs}");
+    for (method, params) in [
+        ("blob_resize", serde_json::json!({ "bdev_name": "Uring0", "blob_id": 2, "num_clusters": 1 })),
+        ("blob_delete", serde_json::json!({ "bdev_name": "Uring0", "blob_id": 1 })),
+        ("blob_set_xattr", serde_json::json!({ "bdev_name": "Uring0", "blob_id": 1, "name": "x", "value": "y" })),
+        ("blobstore_set_super", serde_json::json!({ "bdev_name": "Uring0", "blob_id": null })),
+        ("blob_create", serde_json::json!({ "bdev_name": "Uring0", "num_clusters": 1 })),
+    ] {
+        let out = Command::new(BIN).arg("rpc").arg("-s").arg(&up.socket).arg(method).arg(params.to_string()).output();
+        let out = out.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("holds the file system mounted on"), "{method}: {err}");
+    }
     std::fs::write(mnt.join("still"), b"ok").unwrap();
+    up.down();
+    // All of it is still there.
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    assert_eq!(std::fs::read(mnt.join("still")).unwrap(), b"ok");
     up.down();
 }
 

@@ -157,6 +157,18 @@ macro_rules! on_store {
             }
         });
     }};
+    // A method that changes blobs: refused on the store of a mounted file
+    // system, whose blobs change only through it.
+    (changes $m:expr, $app:expr, $name:literal, $desc:literal, $p:ty, |$s:ident, $q:ident| $body:expr) => {{
+        let a = $app.clone();
+        $m.add($name, $desc, Allowed::Runtime, move |$q: $p| {
+            let store = a.blobstore_to_change(&$q.bdev_name);
+            async move {
+                let $s = store?;
+                $body.await.map_err(blob_err)
+            }
+        });
+    }};
 }
 
 pub fn register(m: &mut Methods, app: &Arc<App>) {
@@ -244,7 +256,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         },
     );
     on_store!(
-        m,
+        changes m,
         app,
         "blobstore_set_super",
         "Set (or clear) the blobstore's super blob, the application's root.",
@@ -253,7 +265,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
     );
 
     on_store!(
-        m,
+        changes m,
         app,
         "blob_create",
         "Create a blob (durable when this returns); returns its id.",
@@ -262,12 +274,25 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             s.create_blob(BlobOptions { num_clusters: p.num_clusters, thin: p.thin, xattrs: p.xattrs, no_zero: false })
         }
     );
-    on_store!(m, app, "blob_delete", "Delete a closed blob that no clone reads through.", BlobRef, |s, p| s
-        .delete_blob(p.blob_id));
-    on_store!(m, app, "blob_resize", "Resize a blob and sync it.", Resize, |s, p| async move {
-        s.resize_blob(p.blob_id, p.num_clusters).await?;
-        s.sync_blob(p.blob_id).await
-    });
+    on_store!(
+        changes m,
+        app,
+        "blob_delete",
+        "Delete a closed blob that no clone reads through.",
+        BlobRef,
+        |s, p| s.delete_blob(p.blob_id)
+    );
+    on_store!(
+        changes m,
+        app,
+        "blob_resize",
+        "Resize a blob and sync it.",
+        Resize,
+        |s, p| async move {
+            s.resize_blob(p.blob_id, p.num_clusters).await?;
+            s.sync_blob(p.blob_id).await
+        }
+    );
     on_store!(
         m,
         app,
@@ -284,22 +309,35 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         BlobRef,
         |s, p| async move { s.xattrs(p.blob_id).await.map(show_xattrs) }
     );
-    on_store!(m, app, "blob_set_xattr", "Set an xattr of a blob and sync it.", SetXattr, |s, p| async move {
-        s.set_xattr(p.blob_id, &p.name, p.value.as_bytes()).await?;
-        s.sync_blob(p.blob_id).await
-    });
     on_store!(
-        m,
+        changes m,
+        app,
+        "blob_set_xattr",
+        "Set an xattr of a blob and sync it.",
+        SetXattr,
+        |s, p| async move {
+            s.set_xattr(p.blob_id, &p.name, p.value.as_bytes()).await?;
+            s.sync_blob(p.blob_id).await
+        }
+    );
+    on_store!(
+        changes m,
         app,
         "blob_snapshot",
         "Snapshot a blob: a read-only blob takes over its clusters; returns the snapshot's id.",
         Derive,
         |s, p| s.snapshot(p.blob_id, bytes_map(p.xattrs))
     );
-    on_store!(m, app, "blob_clone", "Create a writable thin clone of a snapshot; returns its id.", Derive, |s, p| s
-        .clone_blob(p.blob_id, bytes_map(p.xattrs)));
     on_store!(
-        m,
+        changes m,
+        app,
+        "blob_clone",
+        "Create a writable thin clone of a snapshot; returns its id.",
+        Derive,
+        |s, p| s.clone_blob(p.blob_id, bytes_map(p.xattrs))
+    );
+    on_store!(
+        changes m,
         app,
         "blob_inflate",
         "Give a blob clusters of its own for all it reads through its parents.",
@@ -307,7 +345,7 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         |s, p| s.inflate(p.blob_id)
     );
     on_store!(
-        m,
+        changes m,
         app,
         "blob_decouple",
         "Copy what a blob's parent holds; the grandparent becomes its parent.",

@@ -153,8 +153,7 @@ impl FsState {
         if mounts.contains_key(path) || opening.iter().any(|(p, _)| p == path) {
             return Err(RpcError::errno(libc::EBUSY, format!("{} is already mounted", path.display())));
         }
-        let mounted = mounts.iter().find(|(_, m)| m.params.bdev_name == bdev).map(|(p, _)| p.as_path());
-        if let Some(at) = mounted.or_else(|| opening.iter().find(|(_, b)| b == bdev).map(|(p, _)| p.as_path())) {
+        if let Some(at) = holder(&mounts, &opening, bdev) {
             return Err(RpcError::errno(
                 libc::EBUSY,
                 format!(
@@ -167,6 +166,11 @@ impl FsState {
         let key = (path.to_path_buf(), bdev.to_string());
         opening.insert(key.clone());
         Ok(Claim { state: self, key })
+    }
+
+    /// Where the file system on `bdev` is mounted (or being mounted), if it is.
+    pub fn mounted_from(&self, bdev: &str) -> Option<PathBuf> {
+        holder(&self.lock(), &self.opening.lock().unwrap_or_else(|p| p.into_inner()), bdev)
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, RpcError> {
@@ -208,6 +212,12 @@ impl FsState {
             }
         }
     }
+}
+
+/// The mount point of the mount, or mount still opening, of `bdev`'s file system.
+fn holder(mounts: &BTreeMap<PathBuf, Mount>, opening: &BTreeSet<(PathBuf, String)>, bdev: &str) -> Option<PathBuf> {
+    let mut held = mounts.iter().map(|(p, m)| (p, &m.params.bdev_name)).chain(opening.iter().map(|(p, b)| (p, b)));
+    held.find(|(_, b)| *b == bdev).map(|(p, _)| p.clone())
 }
 
 /// Unmounts, then syncs and stops the file system.
