@@ -41,6 +41,12 @@ for 2 s (deleting an image makes the host discard its blocks):
   and client at nice 0 (MooseFS's default is -19, which would favour it).
   Client and chunkserver otherwise at their defaults (the client flushes a
   file's writes to the chunkserver before the last close).
+- fuse_floor: not a file system a user would pick but the floor under every
+  FUSE one: clients/examples/fuse_floor.rs keeps files in memory and answers
+  each request on the fuser thread that read it, mounted with ClaudeFS's
+  options (built here with cargo). What it reaches is what the kernel, the
+  FUSE device and fuser's threads allow on this host; it runs the metadata
+  and small-file workloads only (no fio, no pjdfstest).
 
 Workloads, each in a fresh directory of the mount:
 - creates, stats, unlinks of 5,000 empty files in one directory; mkdir and
@@ -61,10 +67,10 @@ Workloads, each in a fresh directory of the mount:
   bytes): failed/skipped/passed. Once per file system (first rep): counts do
   not need medians. --no-pjdfstest leaves it out.
 
-The file systems run one after the other in a fixed order (claudefs, ext4,
-gluster, moosefs), --reps times; each figure is the median over reps, and each
-ratio ClaudeFS/peer is the median of the per-rep ratios, so that a burst of
-host noise (see docs/PERFORMANCE.md, "How we measure") hits both sides of a
+The file systems run one after the other in a fixed order (claudefs,
+claudefs_wb, ext4, gluster, moosefs, fuse_floor), --reps times; each figure is
+the median over reps, and each ratio ClaudeFS/peer is the median of the
+per-rep ratios, so that a burst of host noise (see docs/PERFORMANCE.md, "How we measure") hits both sides of a
 ratio alike. Nothing is pinned: every file system runs daemons of its own and
 they, like the kernel's FUSE and block paths, take whichever core is free.
 Every raw value is kept in hack/bench/results/fs.json; the plots go to
@@ -88,11 +94,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "hack/bench/results/fs.json")
 BASE = "/var/tmp/claudefs-bench"
-FILESYSTEMS = ["claudefs", "claudefs_wb", "ext4", "gluster", "moosefs"]
+FILESYSTEMS = ["claudefs", "claudefs_wb", "ext4", "gluster", "moosefs", "fuse_floor"]
 NAME = {"claudefs": "ClaudeFS", "claudefs_wb": "ClaudeFS (writeback cache)", "ext4": "ext4 (loop)",
-        "gluster": "GlusterFS", "moosefs": "MooseFS"}
+        "gluster": "GlusterFS", "moosefs": "MooseFS", "fuse_floor": "FUSE floor (in memory)"}
 OURS = ["claudefs", "claudefs_wb"]
-PEERS = ["ext4", "gluster", "moosefs"]
+PEERS = ["ext4", "gluster", "moosefs", "fuse_floor"]
+# References that run the metadata and small-file workloads only.
+META_ONLY = ["fuse_floor"]
 FILES, DIRS, SMALL, SMALL_SIZE = 5000, 2000, 2000, 4096
 FIO_SIZE = "512m"  # fio's notation: 512 MiB
 # Metric key, label, unit.
@@ -559,6 +567,32 @@ MASTER_HOST = {self.IP_MASTER}
             os.rmdir(self.mnt)
 
 
+class FuseFloor:
+    def __init__(self, binary):
+        self.bin = binary
+        self.mnt = os.path.join(BASE, "fuse_floor")
+        self.log = os.path.join(BASE, "fuse_floor.log")
+        self.proc = None
+
+    def version(self):
+        return "clients/examples/fuse_floor.rs, fuser 0.18"
+
+    def up(self):
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc = daemon([self.bin, self.mnt], self.log)
+        wait_for("fuse_floor", lambda: mounted(self.mnt), 30, self.proc, self.log)
+        return self.mnt
+
+    def down(self):
+        unmount(self.mnt)  # the example exits when its mount goes
+        stop(self.proc)
+        self.proc = None
+        if os.path.exists(self.log):
+            os.unlink(self.log)
+        if os.path.isdir(self.mnt) and not mounted(self.mnt):
+            os.rmdir(self.mnt)
+
+
 # ---------------------------------------------------------------- workloads
 
 def fsops(binary, op, d, prefix, n, size=None):
@@ -579,9 +613,10 @@ def fio(args, timeout):
     return json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
 
 
-def workloads(mnt, secs, fsops_bin, rec):
-    """Runs the workload set on `mnt`, filling rec["values"]; a failing workload
-    is recorded in rec["errors"] and the next one runs."""
+def workloads(mnt, secs, fsops_bin, rec, io=True):
+    """Runs the workload set on `mnt` (without fio unless `io`), filling
+    rec["values"]; a failing workload is recorded in rec["errors"] and the next
+    one runs."""
     vals, errs = rec["values"], rec["errors"]
 
     def step(keys, fn):
@@ -630,6 +665,8 @@ def workloads(mnt, secs, fsops_bin, rec):
     step(["create", "stat", "unlink"], files)
     step(["mkdir", "rmdir"], dirs)
     step(["small_write", "small_read"], small)
+    if not io:
+        return
 
     fdir = fresh("fio")
     f = os.path.join(fdir, "file")
@@ -771,8 +808,11 @@ def report(results):
                 r, rs = ratio(results, m, p, ours)
                 cells.append("–" if r is None else f"{r:.2f}" + ("" if rs is not None else " (other run)"))
             print(f"| {label} | " + " | ".join(cells) + " |")
-        print("\n| goal | measured | |")
-        print("|---|---|---|")
+        # What the FUSE floor reaches against the same peer: a goal above it is
+        # out of reach of any FUSE file system on this host.
+        floor = "fuse_floor" in present
+        print("\n| goal | measured | |" + (" FUSE floor / peer |" if floor else ""))
+        print("|---|---|---|" + ("---|" if floor else ""))
         for m, p, want in GOALS:
             if p not in peers:
                 continue
@@ -780,7 +820,11 @@ def report(results):
             label = dict((k, lab) for k, lab, _ in METRICS)[m]
             got = "–" if r is None else f"{r:.2f}x"
             met = "not measured" if r is None else ("met" if r >= want else "not met")
-            print(f"| {label}: {NAME[ours]} >= {want}x {NAME[p]} | {got} | {met} |")
+            row = f"| {label}: {NAME[ours]} >= {want}x {NAME[p]} | {got} | {met} |"
+            if floor:
+                fr, _ = ratio(results, m, p, "fuse_floor")
+                row += " – |" if fr is None else f" {fr:.2f}x |"
+            print(row)
     pj = {f: results["fs"][f].get("pjdfstest") for f in present if results["fs"][f].get("pjdfstest")}
     if pj:
         print("\n| pjdfstest (configs/pjdfstest.toml) | failed | skipped | passed |")
@@ -806,7 +850,8 @@ def plot(results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     present = [f for f in FILESYSTEMS if f in results["fs"]]
-    colors = {"claudefs": "tab:blue", "claudefs_wb": "tab:cyan", "ext4": "tab:gray", "gluster": "tab:orange", "moosefs": "tab:green"}
+    colors = {"claudefs": "tab:blue", "claudefs_wb": "tab:cyan", "ext4": "tab:gray", "gluster": "tab:orange", "moosefs": "tab:green",
+              "fuse_floor": "tab:purple"}
 
     def bars(ax, metrics, ylabel, title, log_scale):
         width = 0.8 / len(present)
@@ -895,6 +940,12 @@ def main():
     if set(OURS) & set(chosen) and not binary:
         subprocess.run(["cargo", "build", "--release", "--bin", "claudefs"], check=True, cwd=ROOT)
         binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/claudefs")
+    floor_bin = None
+    if "fuse_floor" in chosen:
+        subprocess.run(["cargo", "build", "--release", "-p", "claudefs-clients", "--example", "fuse_floor"], check=True,
+                       cwd=ROOT)
+        floor_bin = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                 "release/examples/fuse_floor")
     if not a.no_pjdfstest and not pjdfstest_bin():
         sys.exit("hack/bench/fs.py: pjdfstest not found (hack/deps.sh bench installs it), or use --no-pjdfstest")
     fsops_bin = os.path.join(tempfile.gettempdir(), "claudefs-bench-fsops")
@@ -903,7 +954,7 @@ def main():
     preflight_cleanup()
     os.makedirs(BASE, exist_ok=True)
     make = {"claudefs": lambda: ClaudeFS(binary), "claudefs_wb": lambda: ClaudeFS(binary, writeback_cache=True),
-            "ext4": Ext4, "gluster": Gluster, "moosefs": MooseFS}
+            "ext4": Ext4, "gluster": Gluster, "moosefs": MooseFS, "fuse_floor": lambda: FuseFloor(floor_bin)}
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
@@ -921,8 +972,8 @@ def main():
             try:
                 mnt = fs.up()
                 rec["setup_secs"] = round(time.time() - t, 1)
-                workloads(mnt, a.secs, fsops_bin, rec)
-                if rep == 0 and not a.no_pjdfstest:
+                workloads(mnt, a.secs, fsops_bin, rec, io=name not in META_ONLY)
+                if rep == 0 and not a.no_pjdfstest and name not in META_ONLY:
                     res = pjdfstest(mnt)
                     results["fs"][name]["pjdfstest"] = res
                     log(f"    pjdfstest: {res.get('summary', res.get('error'))}  ({res['secs']:.0f} s)")
