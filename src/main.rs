@@ -161,11 +161,14 @@ fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Logging without RUST_LOG: openraft's routine chatter left out, and
+/// fuser's unmount warnings, since the server unmounts itself first and
+/// fuser's second try then fails harmlessly (`methods::fs::unmount`).
+const DEFAULT_LOG: &str = "info,openraft=warn,fuser::mnt=error";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

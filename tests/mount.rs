@@ -374,6 +374,40 @@ fn ctrl_c_and_sigterm_unmount_and_stop_cleanly() {
 }
 
 #[test]
+fn a_busy_mount_stays_mounted_on_umount_and_is_detached_at_down() {
+    use std::io::Read;
+    let Some((dir, image, mnt)) = setup() else { return };
+    let up = Up::start(dir.path(), &image, &mnt).unwrap();
+    std::fs::write(mnt.join("f"), b"kept").unwrap();
+    let cli = |cmd: &str| Command::new(BIN).arg(cmd).arg("-s").arg(&up.socket).arg(&mnt).output().unwrap();
+    // A file open on it: `umount` is refused, as umount(8) refuses, and the
+    // mount goes on being served.
+    let held = std::fs::File::open(mnt.join("f")).unwrap();
+    let out = cli("umount");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is busy"), "{err}");
+    assert!(mounted(&mnt), "a refused umount unmounted");
+    let mut text = String::new();
+    (&held).read_to_string(&mut text).unwrap();
+    assert_eq!(text, "kept");
+    std::fs::write(mnt.join("g"), b"new").unwrap();
+    let mounts = up.rpc("fs_get_mounts", serde_json::json!({}));
+    assert!(mounts.to_string().contains(&*mnt.canonicalize().unwrap().to_string_lossy()), "{mounts}");
+    // Closed, it unmounts; mounted again, everything is there.
+    drop(held);
+    let out = cli("umount");
+    assert!(out.status.success() && !mounted(&mnt), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli("mount");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(mnt.join("g")).unwrap(), b"new");
+    // The server going down does not wait for a busy mount: it is detached,
+    // the store unloads cleanly, and the holder hears ENOTCONN.
+    let held = std::fs::File::open(mnt.join("f")).unwrap();
+    up.down();
+    assert_eq!(errno_of((&held).read(&mut [0u8; 4])), libc::ENOTCONN);
+}
+
+#[test]
 fn bad_images_are_refused_with_their_reason() {
     let Some((dir, image, mnt)) = setup() else { return };
     // An image on a file system without O_DIRECT (ramfs): refused, and not left behind.

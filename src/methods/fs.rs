@@ -204,11 +204,27 @@ impl FsState {
     }
 
     /// Unmounts everything and stops the file systems (at shutdown).
+    /// A mount that is busy (a file open on it, a working directory in
+    /// it) is detached and its FUSE connection aborted: the server is going
+    /// away, and what those processes do next gets ENOTCONN.
     pub async fn unmount_all(&self) {
         let mounts: Vec<(PathBuf, Mount)> = std::mem::take(&mut *self.lock()).into_iter().collect();
         for (path, m) in mounts {
+            match unmount(&path) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tracing::warn!(
+                        "{}: busy at shutdown; detaching it (its open files get ENOTCONN from now on)",
+                        path.display()
+                    );
+                    if let Err(e) = force_unmount(&path) {
+                        tracing::error!("detaching {}: {e}", path.display());
+                    }
+                }
+                Err(e) => tracing::error!("unmounting {}: {e}", path.display()),
+                Ok(()) => {}
+            }
             if let Err(e) = stop(m).await {
-                tracing::error!("unmounting {}: {e}", path.display());
+                tracing::error!("stopping the file system of {}: {e}", path.display());
             }
         }
     }
@@ -220,16 +236,56 @@ fn holder(mounts: &BTreeMap<PathBuf, Mount>, opening: &BTreeSet<(PathBuf, String
     held.find(|(_, b)| *b == bdev).map(|(p, _)| p.clone())
 }
 
-/// Unmounts, then syncs and stops the file system.
+/// Once the kernel's mount is gone ([`unmount`]): waits for the session's
+/// threads to finish what the kernel sent before, then syncs and stops the
+/// file system.
 async fn stop(m: Mount) -> Result<(), RpcError> {
     let Mount { fs, session, .. } = m;
-    // Unmount, then wait for the session's threads to finish what the
-    // kernel sent before.
-    tokio::task::spawn_blocking(move || session.umount_and_join())
+    tokio::task::spawn_blocking(move || session.join())
         .await
         .map_err(|e| RpcError::errno(libc::EIO, format!("unmounting: {e}")))?
         .map_err(|e| RpcError::errno(e.raw_os_error().unwrap_or(libc::EIO), format!("unmounting: {e}")))?;
     fs.shutdown().await.map_err(|e| RpcError::errno(e.0, format!("stopping the file system: {e}")))
+}
+
+/// Unmounts ClaudeFS's mount on `path` (canonical): EBUSY, and the mount
+/// stays, while a process has a file open or its working directory on it.
+/// A mount already gone (unmounted by hand) is fine; whatever else is
+/// mounted on `path` now is left alone.
+fn unmount(path: &Path) -> std::io::Result<()> {
+    if !mount_type(path).is_some_and(|(fstype, source)| fstype.starts_with("fuse") && source == "claudefs") {
+        return Ok(());
+    }
+    umount2(path, 0)
+}
+
+/// Detaches the mount on `path` and aborts its FUSE connection, so that the
+/// session ends now rather than when the last file open on it is closed.
+fn force_unmount(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)?.dev();
+    umount2(path, libc::MNT_DETACH)?;
+    // The kernel names a FUSE connection by its device's minor number, in
+    // the fusectl file system (which systemd mounts; mounted here if not).
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if !dir.join(libc::minor(dev).to_string()).exists() {
+        // SAFETY: the strings are NUL-terminated literals; mount(2) reads
+        // them and touches no memory of ours.
+        let r = unsafe {
+            libc::mount(
+                c"fusectl".as_ptr(),
+                c"/sys/fs/fuse/connections".as_ptr(),
+                c"fusectl".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("mounting fusectl on {}: {e}", dir.display())));
+        }
+    }
+    std::fs::write(dir.join(libc::minor(dev).to_string()).join("abort"), b"1")
 }
 
 /// Refuses a mount point that is missing, not a directory, not empty, or
@@ -242,7 +298,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, RpcError> {
         // A ClaudeFS mount whose server died (kill -9, a crash): the kernel
         // keeps it until it is unmounted. Detach it, as a restart expects.
         tracing::warn!("{}: a ClaudeFS mount left by a server that is gone; detaching it", path.display());
-        detach(path).map_err(|e| {
+        umount2(path, libc::MNT_DETACH).map_err(|e| {
             RpcError::errno(
                 e.raw_os_error().unwrap_or(libc::EIO),
                 format!("detaching the stale mount on {}: {e}", path.display()),
@@ -302,13 +358,13 @@ fn mount_type(path: &Path) -> Option<(String, String)> {
         .next_back()
 }
 
-/// Lazily unmounts `path` (`umount -l`).
-fn detach(path: &Path) -> std::io::Result<()> {
+/// umount2(2) of `path` with `flags` (MNT_DETACH: `umount -l`).
+fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call;
     // umount2 reads it and touches no memory of ours.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -411,9 +467,24 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
             let a = a.clone();
             async move {
                 let path = std::fs::canonicalize(&p.mountpoint).unwrap_or(p.mountpoint.clone());
-                let m = a.fs.lock().remove(&path).ok_or_else(|| {
+                let none = || {
                     RpcError::errno(libc::ENOENT, format!("no ClaudeFS file system is mounted on {}", path.display()))
+                };
+                if !a.fs.lock().contains_key(&path) {
+                    return Err(none());
+                }
+                // A busy mount stays mounted and served, as umount(8) leaves it.
+                unmount(&path).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EBUSY) => RpcError::errno(
+                        libc::EBUSY,
+                        format!(
+                            "{} is busy: a process has a file open or its working directory there; it stays mounted",
+                            path.display()
+                        ),
+                    ),
+                    errno => RpcError::errno(errno.unwrap_or(libc::EIO), format!("unmounting {}: {e}", path.display())),
                 })?;
+                let m = a.fs.lock().remove(&path).ok_or_else(none)?;
                 stop(m).await?;
                 Ok(true)
             }
