@@ -147,28 +147,24 @@ fn show_xattrs(x: BTreeMap<String, Vec<u8>>) -> Value {
 
 /// Registers a method that runs `f` on the named blobstore.
 macro_rules! on_store {
-    ($m:expr, $app:expr, $name:literal, $desc:literal, $p:ty, |$s:ident, $q:ident| $body:expr) => {{
-        let a = $app.clone();
-        $m.add($name, $desc, Allowed::Runtime, move |$q: $p| {
-            let store = a.blobstore(&$q.bdev_name);
-            async move {
-                let $s = store?;
-                $body.await.map_err(blob_err)
-            }
-        });
-    }};
     // A method that changes blobs: refused on the store of a mounted file
     // system, whose blobs change only through it.
-    (changes $m:expr, $app:expr, $name:literal, $desc:literal, $p:ty, |$s:ident, $q:ident| $body:expr) => {{
+    (changes $($args:tt)*) => {
+        on_store!(@get blobstore_to_change $($args)*)
+    };
+    (@get $get:ident $m:expr, $app:expr, $name:literal, $desc:literal, $p:ty, |$s:ident, $q:ident| $body:expr) => {{
         let a = $app.clone();
         $m.add($name, $desc, Allowed::Runtime, move |$q: $p| {
-            let store = a.blobstore_to_change(&$q.bdev_name);
+            let store = a.$get(&$q.bdev_name);
             async move {
                 let $s = store?;
                 $body.await.map_err(blob_err)
             }
         });
     }};
+    ($($args:tt)*) => {
+        on_store!(@get blobstore $($args)*)
+    };
 }
 
 pub fn register(m: &mut Methods, app: &Arc<App>) {

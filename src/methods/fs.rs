@@ -268,7 +268,8 @@ fn force_unmount(path: &Path) -> std::io::Result<()> {
     // The kernel names a FUSE connection by its device's minor number, in
     // the fusectl file system (which systemd mounts; mounted here if not).
     let dir = Path::new("/sys/fs/fuse/connections");
-    if !dir.join(libc::minor(dev).to_string()).exists() {
+    let conn = dir.join(libc::minor(dev).to_string());
+    if !conn.exists() {
         // SAFETY: the strings are NUL-terminated literals; mount(2) reads
         // them and touches no memory of ours.
         let r = unsafe {
@@ -285,7 +286,7 @@ fn force_unmount(path: &Path) -> std::io::Result<()> {
             return Err(std::io::Error::new(e.kind(), format!("mounting fusectl on {}: {e}", dir.display())));
         }
     }
-    std::fs::write(dir.join(libc::minor(dev).to_string()).join("abort"), b"1")
+    std::fs::write(conn.join("abort"), b"1")
 }
 
 /// Refuses a mount point that is missing, not a directory, not empty, or
