@@ -77,8 +77,12 @@ pub struct Query<'a> {
 /// connection in its remote CQ data rather than through `FI_SOURCE`: shm in
 /// libfabric 1.17 reports a wrong source for senders not in the AV.)
 const BASE_CAPS: u64 = sys::FI_MSG as u64;
-/// Capabilities for bulk payloads by RMA read.
-const RMA_CAPS: u64 = sys::FI_RMA as u64 | sys::FI_READ as u64 | sys::FI_REMOTE_READ as u64;
+/// Capabilities for RMA: reads (how bulk payloads move) and writes.
+const RMA_CAPS: u64 = sys::FI_RMA as u64
+    | sys::FI_READ as u64
+    | sys::FI_REMOTE_READ as u64
+    | sys::FI_WRITE as u64
+    | sys::FI_REMOTE_WRITE as u64;
 
 /// The list `fi_getinfo` returned, freed on drop.
 pub struct InfoList(NonNull<sys::fi_info>);
@@ -229,12 +233,14 @@ impl InfoRef<'_> {
     }
     /// Names of the capability bits set.
     pub fn caps(&self) -> Vec<&'static str> {
-        const NAMES: [(u64, &str); 9] = [
+        const NAMES: [(u64, &str); 11] = [
             (sys::FI_MSG as u64, "msg"),
             (sys::FI_TAGGED as u64, "tagged"),
             (sys::FI_RMA as u64, "rma"),
             (sys::FI_READ as u64, "read"),
             (sys::FI_REMOTE_READ as u64, "remote_read"),
+            (sys::FI_WRITE as u64, "write"),
+            (sys::FI_REMOTE_WRITE as u64, "remote_write"),
             (sys::FI_SOURCE, "source"),
             (sys::FI_MULTI_RECV as u64, "multi_recv"),
             (sys::FI_LOCAL_COMM, "local_comm"),
@@ -334,6 +340,8 @@ pub struct CompletionError {
 pub enum Access {
     /// A peer reads it by RMA (a bulk payload we expose).
     RemoteRead,
+    /// A peer writes into it by RMA.
+    RemoteWrite,
     /// We read a peer's memory into it.
     LocalRead,
 }
@@ -633,6 +641,45 @@ impl Endpoint {
         check("fi_read", "reading a bulk payload", ret as i64).map(|()| true)
     }
 
+    /// Writes `len` bytes from `buf` into a peer's registered memory (`addr`,
+    /// `key`), for operation `slot`; the completion says the bytes are in
+    /// place. `Ok(false)`: the queue is full.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and unchanged for `len` bytes until the slot's
+    /// completion is read or the endpoint is dropped.
+    pub unsafe fn write(
+        &mut self,
+        slot: usize,
+        buf: *const u8,
+        len: usize,
+        dest: u64,
+        addr: u64,
+        key: u64,
+    ) -> Result<bool, FabricError> {
+        let iov = libc::iovec { iov_base: buf as *mut c_void, iov_len: len };
+        let rma_iov = sys::fi_rma_iov { addr, len, key };
+        let msg = sys::fi_msg_rma {
+            msg_iov: (&raw const iov).cast(),
+            desc: ptr::null_mut(),
+            iov_count: 1,
+            addr: dest,
+            rma_iov: &rma_iov,
+            rma_iov_count: 1,
+            context: self.context(slot),
+            data: 0,
+        };
+        // Delivery complete: the completion means the bytes are in the peer's memory,
+        // not just out of ours (the default for writes).
+        let flags = (sys::FI_DELIVERY_COMPLETE | sys::FI_COMPLETION) as u64;
+        // SAFETY: the caller keeps buf valid; fi_writemsg copies the message and its iovecs.
+        let ret = unsafe { sys::fi_writemsg(self.ep.0.as_ptr(), &msg, flags) };
+        if ret == -(sys::FI_EAGAIN as isize) {
+            return Ok(false);
+        }
+        check("fi_write", "writing into a peer's memory", ret as i64).map(|()| true)
+    }
+
     /// Registers `len` bytes at `buf`; returns the region's id, the address a
     /// peer uses for it, and its key.
     ///
@@ -647,6 +694,7 @@ impl Endpoint {
     ) -> Result<(usize, u64, u64), FabricError> {
         let acs = match access {
             Access::RemoteRead => sys::FI_REMOTE_READ,
+            Access::RemoteWrite => sys::FI_REMOTE_WRITE,
             Access::LocalRead => sys::FI_READ,
         } as u64;
         let requested_key = self.next_key;
