@@ -137,7 +137,7 @@ impl<T: Transport> Rpc<T> {
     fn on_request(&mut self, conn: ConnId, header: Header, payload: Payload) {
         let credits = self.opts.credits as usize;
         let Some(c) = self.conns.get_mut(conn) else { return };
-        let first = !c.partial.contains_key(&(header.request_id, false));
+        let first = c.partial.is_empty() || !c.partial.contains_key(&(header.request_id, false));
         if first {
             if c.served.len() >= credits {
                 return self.violation(conn, format!("more than the {credits} outstanding requests it was granted"));

@@ -256,9 +256,9 @@ struct Conn {
     /// Requests from the peer not answered yet (at most our credits).
     served: HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Our bulk payloads the peer may read: (request id, is response) -> handle.
-    exposed: HashMap<(u64, bool), ExposeId>,
+    exposed: HashMap<(u64, bool), ExposeId, BuildHasherDefault<IdHasher>>,
     /// Fragmented payloads being reassembled: (request id, is response).
-    partial: HashMap<(u64, bool), Partial>,
+    partial: HashMap<(u64, bool), Partial, BuildHasherDefault<IdHasher>>,
     ping_sent: Option<u64>,
     stats: Arc<ConnStats>,
 }
@@ -434,8 +434,8 @@ impl<T: Transport> Rpc<T> {
                 queue: VecDeque::new(),
                 in_flight: 0,
                 served: HashSet::default(),
-                exposed: HashMap::new(),
-                partial: HashMap::new(),
+                exposed: HashMap::default(),
+                partial: HashMap::default(),
                 ping_sent: None,
                 stats,
             }
