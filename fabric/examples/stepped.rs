@@ -4,6 +4,7 @@
 //! libfabric calls (inject, completion read, re-post) on the same provider.
 //!
 //! `cargo run --release -p claudefs-fabric --example stepped [-- ROUND_TRIPS [SIZE [raw|rpc]]]`
+//! (SIZE 0: the cost of one poll with nothing arriving instead)
 
 use std::time::Instant;
 
@@ -98,10 +99,38 @@ fn rpc(n: usize, size: usize) -> f64 {
     start.elapsed().as_nanos() as f64 / n as f64
 }
 
+/// ns per poll of an endpoint with nothing arriving: bare `fi_cq_read`
+/// against [`Rpc::poll`] (what each side pays per turn of its loop while it
+/// waits, and so, on average, half of what it adds to noticing a message).
+fn idle(n: usize) -> (f64, f64) {
+    let mut ep = raw_endpoint(&unique_shm_name());
+    let mut done = Vec::new();
+    let start = Instant::now();
+    for _ in 0..n {
+        ep.cq_read(&mut done).unwrap();
+    }
+    let raw = start.elapsed().as_nanos() as f64 / n as f64;
+    let t = TransportConfig::new("shm", Some(&unique_shm_name())).open(16 << 20).unwrap();
+    let mut rpc = Rpc::new(t, RpcOptions::default()).unwrap();
+    let mut events = Vec::new();
+    let start = Instant::now();
+    for _ in 0..n {
+        rpc.poll(pmd::clock::now(), &mut events);
+    }
+    (raw, start.elapsed().as_nanos() as f64 / n as f64)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map_or(200_000, |s| s.parse().expect("ROUND_TRIPS"));
     let size: usize = args.next().map_or(64, |s| s.parse().expect("SIZE"));
+    if size == 0 {
+        for _ in 0..3 {
+            let (r, c) = idle(n);
+            println!("idle poll: fi_cq_read {r:.0} ns, Rpc::poll {c:.0} ns");
+        }
+        return;
+    }
     if let Some(only) = args.next() {
         // For profiling one side: `raw` or `rpc`.
         let run = || if only == "raw" { raw(n, size) } else { rpc(n, size) };

@@ -324,8 +324,9 @@ impl Header {
 pub enum Payload {
     /// Ordinary memory (small payloads, reassembled fragments).
     Heap(Vec<u8>),
-    /// DMA memory (large payloads; RMA reads land here).
-    Dma(DmaBuf),
+    /// DMA memory (large payloads; RMA reads land here). Boxed, so that a
+    /// payload is three words: frames and events move it on every message.
+    Dma(Box<DmaBuf>),
 }
 
 impl Payload {
@@ -342,7 +343,7 @@ impl Payload {
     /// The payload as DMA memory (copied if it is not already); `None` if empty.
     pub fn into_dma(self) -> Result<Option<DmaBuf>, pmd::DmaError> {
         match self {
-            Self::Dma(b) => Ok(Some(b)),
+            Self::Dma(b) => Ok(Some(*b)),
             Self::Heap(v) if v.is_empty() => Ok(None),
             Self::Heap(v) => DmaBuf::copy_from(&v).map(Some),
         }
@@ -388,7 +389,7 @@ impl From<&[u8]> for Payload {
 
 impl From<DmaBuf> for Payload {
     fn from(b: DmaBuf) -> Self {
-        Self::Dma(b)
+        Self::Dma(Box::new(b))
     }
 }
 
@@ -750,7 +751,7 @@ impl FrameReader {
                         continue;
                     }
                     let mut buf = match DmaBuf::new(len) {
-                        Ok(b) => Payload::Dma(b),
+                        Ok(b) => Payload::from(b),
                         Err(_) => return Err(FrameError::NoMemory(len)),
                     };
                     let have = (self.end - self.start).min(len);

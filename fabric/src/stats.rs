@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 /// Connections closed long ago are forgotten beyond this many.
 const CLOSED_KEPT: usize = 64;
 
+#[inline]
 fn bump(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
 }
@@ -96,6 +97,7 @@ impl ConnStats {
         }
     }
 
+    #[inline]
     pub(crate) fn add(c: &AtomicU64, v: u64) {
         bump(c, v);
     }

@@ -111,7 +111,7 @@ fn a_peer_killed_mid_transfer_fails_every_pending_call_and_nothing_hangs() {
         for e in &failed {
             assert!(
                 matches!(
-                    e,
+                    **e,
                     FabricError::ConnectionLost { .. } | FabricError::KeepaliveTimeout { .. } | FabricError::Ofi { .. }
                 ),
                 "{kind}: a pending call failed with {e}"

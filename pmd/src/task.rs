@@ -111,7 +111,8 @@ impl Executor {
     /// Polls up to `budget` ready tasks; returns how many ran.
     pub(crate) fn run(&mut self, now: u64, budget: usize) -> usize {
         let mut ran = 0;
-        while ran < budget {
+        // `is_empty` first: an empty `pop` costs a full fence, every round.
+        while ran < budget && !self.ready.queue.is_empty() {
             let Some((id, generation)) = self.ready.queue.pop() else { break };
             let Some(slot) = self.slots.get_mut(id as usize) else { continue };
             if slot.generation != generation {

@@ -95,7 +95,11 @@ impl<T: Transport> Rpc<T> {
             if let Some(k) = self.calls.remove(call)
                 && k.state == super::CallState::Sent
             {
-                self.events.push(Event::Completion(Completion { call, tag: k.tag, result: Err(error.clone()) }));
+                self.events.push(Event::Completion(Completion {
+                    call,
+                    tag: k.tag,
+                    result: Err(Box::new(error.clone())),
+                }));
             }
         }
     }
@@ -208,7 +212,11 @@ impl<T: Transport> Rpc<T> {
             for call in queued {
                 if let Some(k) = self.calls.remove(call) {
                     let result = Err(final_error.clone());
-                    self.events.push(Event::Completion(Completion { call, tag: k.tag, result }));
+                    self.events.push(Event::Completion(Completion {
+                        call,
+                        tag: k.tag,
+                        result: result.map_err(Box::new),
+                    }));
                 }
             }
         }

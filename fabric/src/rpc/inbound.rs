@@ -146,7 +146,13 @@ impl<T: Transport> Rpc<T> {
                 return self.violation(conn, format!("request id {} reused while outstanding", header.request_id));
             }
         }
-        let Some((header, payload)) = self.reassemble(conn, header, payload, false) else { return };
+        let (header, payload) = match header.has(flags::FRAGMENT) {
+            false => (header, payload),
+            true => match self.reassemble(conn, header, payload, false) {
+                Some(whole) => whole,
+                None => return,
+            },
+        };
         if header.has(flags::BULK) {
             return self.start_bulk_read(conn, header, &payload);
         }
@@ -160,7 +166,13 @@ impl<T: Transport> Rpc<T> {
             Some((c, CallState::Sent | CallState::Abandoned)) if c == conn => {}
             _ => return self.violation(conn, format!("a response to request {id}, which it was not sent")),
         }
-        let Some((header, payload)) = self.reassemble(conn, header, payload, true) else { return };
+        let (header, payload) = match header.has(flags::FRAGMENT) {
+            false => (header, payload),
+            true => match self.reassemble(conn, header, payload, true) {
+                Some(whole) => whole,
+                None => return,
+            },
+        };
         if header.has(flags::BULK) {
             if owner.is_some_and(|(_, s)| s == CallState::Abandoned) {
                 // Nobody wants the data: let the peer free it without reading it.
@@ -239,6 +251,6 @@ impl<T: Transport> Rpc<T> {
         } else {
             Ok(payload)
         };
-        self.events.push(Event::Completion(Completion { call: id, tag: call.tag, result }));
+        self.events.push(Event::Completion(Completion { call: id, tag: call.tag, result: result.map_err(Box::new) }));
     }
 }

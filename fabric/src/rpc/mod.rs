@@ -165,7 +165,7 @@ pub struct Completion {
     /// The tag given to [`Rpc::call`].
     pub tag: u64,
     /// The response payload, or why there is none.
-    pub result: Result<Payload, FabricError>,
+    pub result: Result<Payload, Box<FabricError>>,
 }
 
 /// What [`Rpc::poll`] reports.
@@ -517,7 +517,7 @@ impl<T: Transport> Rpc<T> {
                 self.send_frame(conn, Header::new(Opcode::Cancel, call), Payload::empty());
             }
         }
-        self.events.push(Event::Completion(Completion { call, tag, result: Err(error) }));
+        self.events.push(Event::Completion(Completion { call, tag, result: Err(Box::new(error)) }));
         true
     }
 
@@ -661,7 +661,7 @@ impl<T: Transport> Rpc<T> {
                 let (tag, peer) = (k.tag, c.peer_text());
                 self.calls.remove(call);
                 let error = FabricError::TooLarge { peer, len: payload.len(), max };
-                self.events.push(Event::Completion(Completion { call, tag, result: Err(error) }));
+                self.events.push(Event::Completion(Completion { call, tag, result: Err(Box::new(error)) }));
                 continue;
             }
             k.state = CallState::Sent;
@@ -757,12 +757,12 @@ impl<T: Transport> Rpc<T> {
             }
             TransportEvent::BulkRead { link, token, result } => {
                 if self.by_link.contains_key(&link) {
-                    self.on_bulk_read(now, token, result);
+                    self.on_bulk_read(now, token, result.map_err(|e| *e));
                 }
             }
             TransportEvent::Closed { link, error } => {
                 if let Some(&conn) = self.by_link.get(&link) {
-                    self.lose(now, conn, error);
+                    self.lose(now, conn, *error);
                 }
             }
         }

@@ -52,15 +52,16 @@ pub enum TransportEvent {
         link: LinkId,
         /// The token given to `read_bulk`.
         token: u64,
-        /// The payload, or why it could not be read.
-        result: Result<Payload, FabricError>,
+        /// The payload, or why it could not be read (boxed, as in
+        /// `Closed`: events are moved on every message, errors are rare).
+        result: Result<Payload, Box<FabricError>>,
     },
     /// The link is gone; nothing more will arrive on it.
     Closed {
         /// The link.
         link: LinkId,
         /// Why.
-        error: FabricError,
+        error: Box<FabricError>,
     },
 }
 

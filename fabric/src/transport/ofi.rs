@@ -81,6 +81,9 @@ pub struct OfiTransport {
     pending: Vec<TransportEvent>,
     /// Links with queued frames.
     backlog: Vec<LinkId>,
+    /// Receive buffers read and not posted again yet: they are posted at the
+    /// start of the next poll, so that an answer to what they held leaves first.
+    repost: Vec<usize>,
     /// Op slots of reads the provider refused for now.
     reads_waiting: VecDeque<usize>,
     completions: Vec<ofi::Completion>,
@@ -212,6 +215,7 @@ impl OfiTransport {
             exposed: Slab::default(),
             pending: Vec::new(),
             backlog: Vec::new(),
+            repost: Vec::with_capacity(recv_buffers),
             reads_waiting: VecDeque::new(),
             completions: Vec::with_capacity(64),
             scratch: Vec::with_capacity(HEADER_LEN + 4096),
@@ -286,7 +290,7 @@ impl OfiTransport {
 
     fn fail(&mut self, link: LinkId, error: FabricError, events: &mut Vec<TransportEvent>) {
         if self.drop_link(link).is_some() {
-            events.push(TransportEvent::Closed { link, error });
+            events.push(TransportEvent::Closed { link, error: Box::new(error) });
         }
     }
 
@@ -528,6 +532,11 @@ impl Transport for OfiTransport {
         self.now = now;
         let before = events.len();
         events.append(&mut self.pending);
+        while let Some(slot) = self.repost.pop() {
+            if let Err(e) = self.post_recv(slot) {
+                tracing::error!(provider = %self.provider, "re-posting a receive buffer failed: {e}");
+            }
+        }
         let mut completions = std::mem::take(&mut self.completions);
         for _ in 0..16 {
             completions.clear();
@@ -536,15 +545,13 @@ impl Transport for OfiTransport {
             for c in completions.drain(..) {
                 if c.slot < self.recv.len() {
                     self.on_recv(c.slot, c.len, c.data, now, events);
-                    if let Err(e) = self.post_recv(c.slot) {
-                        tracing::error!(provider = %self.provider, "re-posting a receive buffer failed: {e}");
-                    }
+                    self.repost.push(c.slot);
                     continue;
                 }
                 self.in_flight = self.in_flight.saturating_sub(1);
                 match self.ops[c.slot].take() {
                     Some(Op::Read { link, token, buf, .. }) if self.links.get(link).is_some() => {
-                        events.push(TransportEvent::BulkRead { link, token, result: Ok(Payload::Dma(buf)) });
+                        events.push(TransportEvent::BulkRead { link, token, result: Ok(Payload::from(buf)) });
                     }
                     _ => {}
                 }
@@ -563,16 +570,14 @@ impl Transport for OfiTransport {
                     };
                     if slot < self.recv.len() {
                         tracing::warn!(provider = %self.provider, "a receive failed: {}", err.error);
-                        if let Err(e) = self.post_recv(slot) {
-                            tracing::error!(provider = %self.provider, "re-posting a receive buffer failed: {e}");
-                        }
+                        self.repost.push(slot);
                         continue;
                     }
                     self.in_flight = self.in_flight.saturating_sub(1);
                     match self.ops[slot].take() {
                         Some(Op::Send { link, .. }) => self.fail(link, err.error, events),
                         Some(Op::Read { link, token, .. }) => {
-                            events.push(TransportEvent::BulkRead { link, token, result: Err(err.error) })
+                            events.push(TransportEvent::BulkRead { link, token, result: Err(Box::new(err.error)) })
                         }
                         None => {}
                     }
@@ -593,7 +598,7 @@ impl Transport for OfiTransport {
                 Err(e) => {
                     self.reads_waiting.pop_front();
                     if let Some(Op::Read { link, token, .. }) = self.ops[slot].take() {
-                        events.push(TransportEvent::BulkRead { link, token, result: Err(e) });
+                        events.push(TransportEvent::BulkRead { link, token, result: Err(Box::new(e)) });
                     }
                     self.free_ops.push(slot);
                 }
@@ -646,11 +651,19 @@ impl Transport for OfiTransport {
     }
 
     fn arm(&self) -> bool {
-        self.pending.is_empty() && self.backlog.is_empty() && self.reads_waiting.is_empty() && self.ep.trywait()
+        self.pending.is_empty()
+            && self.repost.is_empty()
+            && self.backlog.is_empty()
+            && self.reads_waiting.is_empty()
+            && self.ep.trywait()
     }
 
     fn busy(&self) -> bool {
-        self.in_flight > 0 || !self.backlog.is_empty() || !self.reads_waiting.is_empty() || !self.pending.is_empty()
+        self.in_flight > 0
+            || !self.repost.is_empty()
+            || !self.backlog.is_empty()
+            || !self.reads_waiting.is_empty()
+            || !self.pending.is_empty()
     }
 }
 

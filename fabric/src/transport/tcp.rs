@@ -145,7 +145,7 @@ impl TcpTransport {
 
     fn fail(&mut self, key: LinkId, error: FabricError, events: &mut Vec<TransportEvent>) {
         if self.drop_link(key).is_some() {
-            events.push(TransportEvent::Closed { link: key, error });
+            events.push(TransportEvent::Closed { link: key, error: Box::new(error) });
         }
     }
 
