@@ -67,3 +67,19 @@ pub mod transport;
 
 pub use error::FabricError;
 pub use frame::FrameError;
+
+/// Appends `make()` to `v`, built where it lands: `Vec::push` builds the
+/// value on the stack first and copies it over, and for the events of every
+/// message that copy reads back bytes just written in other widths (a
+/// store-forwarding stall each time).
+#[inline(always)]
+pub(crate) fn push_in_place<T>(v: &mut Vec<T>, make: impl FnOnce() -> T) {
+    v.reserve(1);
+    let len = v.len();
+    // SAFETY: reserve(1) left room for one more element at `len`; it is
+    // written before the length covers it.
+    unsafe {
+        v.as_mut_ptr().add(len).write(make());
+        v.set_len(len + 1);
+    }
+}

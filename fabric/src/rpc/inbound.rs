@@ -232,7 +232,9 @@ impl<T: Transport> Rpc<T> {
             if let Some(c) = self.conns.get(conn) {
                 ConnStats::add(&c.stats.requests_rx, 1);
             }
-            return self.events.push(Event::Request(Request { conn, id, method: header.method, payload }));
+            return crate::push_in_place(&mut self.events, || {
+                Event::Request(Request { conn, id, method: header.method, payload })
+            });
         }
         let Some(call) = self.calls.remove(id) else { return };
         if let Some(c) = self.conns.get_mut(conn) {
@@ -251,6 +253,8 @@ impl<T: Transport> Rpc<T> {
         } else {
             Ok(payload)
         };
-        self.events.push(Event::Completion(Completion { call: id, tag: call.tag, result: result.map_err(Box::new) }));
+        crate::push_in_place(&mut self.events, || {
+            Event::Completion(Completion { call: id, tag: call.tag, result: result.map_err(Box::new) })
+        });
     }
 }

@@ -87,6 +87,7 @@ pub struct OfiTransport {
     /// Op slots of reads the provider refused for now.
     reads_waiting: VecDeque<usize>,
     completions: Vec<ofi::Completion>,
+    /// Where an inject's frame is put together (inject_size bytes).
     scratch: Vec<u8>,
     provider: String,
     local: String,
@@ -218,7 +219,7 @@ impl OfiTransport {
             repost: Vec::with_capacity(recv_buffers),
             reads_waiting: VecDeque::new(),
             completions: Vec::with_capacity(64),
-            scratch: Vec::with_capacity(HEADER_LEN + 4096),
+            scratch: vec![0; ep.inject_size()],
             provider,
             local,
             in_flight: 0,
@@ -305,14 +306,14 @@ impl OfiTransport {
         let (dest, token) = (l.fi_addr, l.peer_token);
         let total = HEADER_LEN + payload.len();
         if total <= self.inject_size {
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&header.encode());
-            self.scratch.extend_from_slice(&payload);
-            let sent = self.ep.inject(&self.scratch, dest, token)?;
+            let msg = &mut self.scratch[..total];
+            header.encode_into(msg);
+            msg[HEADER_LEN..].copy_from_slice(&payload);
+            let sent = self.ep.inject(msg, dest, token)?;
             return Ok((!sent).then_some((header, payload)));
         }
         let Some(slot) = self.free_ops.pop() else { return Ok(Some((header, payload))) };
-        self.headers[slot] = header.encode();
+        header.encode_into(&mut self.headers[slot]);
         let op = self.ops[slot].insert(Op::Send { link, payload });
         let Op::Send { payload, .. } = op else { unreachable!("just inserted a send") };
         let parts: [&[u8]; 2] = [&self.headers[slot], payload];
@@ -439,7 +440,7 @@ impl OfiTransport {
         if let Some(l) = self.links.get_mut(link) {
             l.last_rx = now;
         }
-        events.push(TransportEvent::Frame { link, header, payload });
+        crate::push_in_place(events, || TransportEvent::Frame { link, header, payload });
     }
 }
 
