@@ -94,8 +94,10 @@ impl<T: Transport> Rpc<T> {
         }
     }
 
-    /// Adds a fragment; returns the whole payload once every piece is in.
-    /// Frames without [`flags::FRAGMENT`] pass through.
+    /// Frames without [`flags::FRAGMENT`] pass through; a fragment is added,
+    /// and the whole payload comes back once every piece is in. Inline, so
+    /// that the frames of every message do not go through a call by value.
+    #[inline(always)]
     fn reassemble(
         &mut self,
         conn: ConnId,
@@ -103,9 +105,19 @@ impl<T: Transport> Rpc<T> {
         payload: Payload,
         is_response: bool,
     ) -> Option<(Header, Payload)> {
-        if !header.has(flags::FRAGMENT) {
-            return Some((header, payload));
+        match header.has(flags::FRAGMENT) {
+            false => Some((header, payload)),
+            true => self.add_fragment(conn, header, payload, is_response),
         }
+    }
+
+    fn add_fragment(
+        &mut self,
+        conn: ConnId,
+        header: Header,
+        payload: Payload,
+        is_response: bool,
+    ) -> Option<(Header, Payload)> {
         let (f, piece) = match Fragment::decode(&payload, self.opts.max_message) {
             Ok(x) => x,
             Err(e) => {
@@ -146,13 +158,7 @@ impl<T: Transport> Rpc<T> {
                 return self.violation(conn, format!("request id {} reused while outstanding", header.request_id));
             }
         }
-        let (header, payload) = match header.has(flags::FRAGMENT) {
-            false => (header, payload),
-            true => match self.reassemble(conn, header, payload, false) {
-                Some(whole) => whole,
-                None => return,
-            },
-        };
+        let Some((header, payload)) = self.reassemble(conn, header, payload, false) else { return };
         if header.has(flags::BULK) {
             return self.start_bulk_read(conn, header, &payload);
         }
@@ -166,13 +172,7 @@ impl<T: Transport> Rpc<T> {
             Some((c, CallState::Sent | CallState::Abandoned)) if c == conn => {}
             _ => return self.violation(conn, format!("a response to request {id}, which it was not sent")),
         }
-        let (header, payload) = match header.has(flags::FRAGMENT) {
-            false => (header, payload),
-            true => match self.reassemble(conn, header, payload, true) {
-                Some(whole) => whole,
-                None => return,
-            },
-        };
+        let Some((header, payload)) = self.reassemble(conn, header, payload, true) else { return };
         if header.has(flags::BULK) {
             if owner.is_some_and(|(_, s)| s == CallState::Abandoned) {
                 // Nobody wants the data: let the peer free it without reading it.
