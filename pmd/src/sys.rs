@@ -141,8 +141,58 @@ impl Mapping {
 
     /// Maps `len` bytes of ordinary memory, populated up front so that the first
     /// DMA into it does not fault.
+    ///
+    /// A mapping of whole hugepages starts on a 2 MiB boundary and is advised
+    /// `MADV_HUGEPAGE` before it is populated, so that transparent hugepages back
+    /// it where the system allows them (`enabled` is `madvise` on most
+    /// distributions). On 4 KiB pages a 1 MiB copy walks 256 TLB entries; those
+    /// misses were half the time of a 1 MiB shm transfer.
     pub fn ordinary(len: usize) -> io::Result<Self> {
-        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE, false)
+        const BASE: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        if len % HUGEPAGE_SIZE != 0 {
+            return Self::map(len, BASE | libc::MAP_POPULATE, false);
+        }
+        // Over-map by one hugepage, then trim both ends to a 2 MiB-aligned range.
+        let over = Self::map(len + HUGEPAGE_SIZE, BASE, false)?;
+        let start = over.ptr.as_ptr() as usize;
+        let head = start.next_multiple_of(HUGEPAGE_SIZE) - start;
+        let tail = HUGEPAGE_SIZE - head;
+        std::mem::forget(over);
+        // SAFETY: both ranges lie inside the mapping just made, which nothing else references;
+        // the middle `len` bytes stay mapped and are owned by the value returned below.
+        unsafe {
+            if head > 0 {
+                cvt(libc::munmap(start as *mut libc::c_void, head))?;
+            }
+            if tail > 0 {
+                cvt(libc::munmap((start + head + len) as *mut libc::c_void, tail))?;
+            }
+        }
+        let ptr = NonNull::new((start + head) as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let mapping = Self { ptr, len, huge: false };
+        // SAFETY: the range is the mapping owned by `mapping`. Advice can fail where the kernel
+        // has no transparent hugepages (EINVAL); the memory then stays on 4 KiB pages.
+        let _ = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+        mapping.populate()?;
+        Ok(mapping)
+    }
+
+    /// Faults every page in for writing, as `MAP_POPULATE` would have at mmap time.
+    fn populate(&self) -> io::Result<()> {
+        // SAFETY: the range is this mapping. MADV_POPULATE_WRITE (Linux 5.14) only faults pages in.
+        if unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_POPULATE_WRITE) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+        // Older kernels: touch one byte per 4 KiB page.
+        for off in (0..self.len).step_by(4096) {
+            // SAFETY: `off` is inside the mapping, which is readable and writable.
+            unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+        }
+        Ok(())
     }
 
     fn map(len: usize, flags: libc::c_int, huge: bool) -> io::Result<Self> {
@@ -188,4 +238,50 @@ pub fn hugepage_counts() -> (u64, u64) {
             .unwrap_or(0)
     };
     (read("nr_hugepages"), read("free_hugepages"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `THPeligible` line of the smaps entry that starts at `addr`.
+    fn thp_eligible(addr: usize) -> Option<bool> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        // Every entry has a THPeligible line, so the first one after the header is this entry's.
+        let line = smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
+            .find(|l| l.starts_with("THPeligible:"))?;
+        Some(line.split_whitespace().nth(1)? == "1")
+    }
+
+    #[test]
+    fn ordinary_hugepage_multiples_are_aligned_advised_and_populated() {
+        let m = Mapping::ordinary(2 * HUGEPAGE_SIZE).unwrap();
+        let addr = m.as_ptr().as_ptr() as usize;
+        assert_eq!(addr % HUGEPAGE_SIZE, 0, "a whole-hugepage mapping starts on a 2 MiB boundary");
+        assert_eq!(m.len(), 2 * HUGEPAGE_SIZE);
+        // SAFETY: the mapping is readable and writable for its length, and only this test uses it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().as_ptr(), m.len()) };
+        assert!(bytes.iter().all(|&b| b == 0), "populated anonymous memory reads as zeros");
+        bytes[m.len() - 1] = 1;
+        let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if enabled.contains("[never]") || enabled.is_empty() {
+            eprintln!("transparent hugepages are off on this host; eligibility not checked");
+            return;
+        }
+        assert_eq!(
+            thp_eligible(addr),
+            Some(true),
+            "MADV_HUGEPAGE makes the range eligible under THP '{}'",
+            enabled.trim()
+        );
+    }
+
+    #[test]
+    fn ordinary_odd_lengths_are_plain_mappings() {
+        let m = Mapping::ordinary(12288).unwrap();
+        assert_eq!(m.len(), 12288);
+        assert_eq!(m.as_ptr().as_ptr() as usize % 4096, 0);
+    }
 }
