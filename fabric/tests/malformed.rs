@@ -85,8 +85,19 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         let mut frame = Header::new(Opcode::Request, 1).payload(b"hi").encode().to_vec();
         frame.extend_from_slice(b"hi");
         no_hello.write_all(&frame).unwrap();
+        // Requests in one write arrive in one poll, before any is answered.
+        let request = |id: u64| Header::new(Opcode::Request, id).encode().to_vec();
+        let mut same_id = open();
+        let mut bytes = hello(Vec::new(), 0);
+        bytes.extend(request(5).into_iter().chain(request(6)).chain(request(5)));
+        same_id.write_all(&bytes).unwrap();
+        let mut too_many = open();
+        let mut bytes = hello(Vec::new(), 0);
+        let granted = u64::from(RpcOptions::default().credits);
+        bytes.extend((1..=granted + 1).flat_map(request));
+        too_many.write_all(&bytes).unwrap();
 
-        serve_until_closed(&mut p, 5, &mut served);
+        serve_until_closed(&mut p, 7, &mut served);
         // Each attacker sees its connection closed by the server.
         for (name, s) in [
             ("garbage", &mut garbage),
@@ -94,6 +105,8 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
             ("truncated", &mut truncated),
             ("bad payload", &mut bad_payload),
             ("no hello", &mut no_hello),
+            ("same id", &mut same_id),
+            ("too many", &mut too_many),
         ] {
             let start = Instant::now();
             let mut buf = [0u8; 4096];
@@ -120,6 +133,8 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
             "truncated frame",
             "payload checksum mismatch",
             "before the handshake",
+            "request id 5 reused while outstanding",
+            "more than the 128 outstanding requests it was granted",
         ] {
             assert!(errors.iter().any(|e| e.contains(want)), "a connection closed for {want:?}: {errors:#?}");
         }

@@ -59,7 +59,7 @@ impl<T: Transport> Rpc<T> {
             Opcode::Request => self.on_request(conn, header, payload),
             Opcode::Response => self.on_response(conn, header, payload),
             Opcode::Cancel => {
-                if c.served.contains(&header.request_id) {
+                if c.served.contains(header.request_id) {
                     self.events.push(Event::Cancelled { conn, id: header.request_id });
                 }
             }

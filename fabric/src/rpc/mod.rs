@@ -33,7 +33,7 @@
 mod conn;
 mod inbound;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
@@ -254,7 +254,7 @@ struct Conn {
     /// Our calls on the wire (sent, not answered) on this connection.
     in_flight: usize,
     /// Requests from the peer not answered yet (at most our credits).
-    served: HashSet<u64, BuildHasherDefault<IdHasher>>,
+    served: Outstanding,
     /// Our bulk payloads the peer may read: (request id, is response) -> handle.
     exposed: HashMap<(u64, bool), ExposeId, BuildHasherDefault<IdHasher>>,
     /// Fragmented payloads being reassembled: (request id, is response).
@@ -309,6 +309,50 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
             .field("conns", &self.conns.len())
             .field("calls", &self.calls.len())
             .finish()
+    }
+}
+
+/// The ids of requests being served on one connection: at most the credits
+/// granted, and usually a handful, so a vector searched from the end (the
+/// newest first) beats a hash set's insert and remove on every request.
+#[derive(Default)]
+struct Outstanding(Vec<u64>);
+
+impl Outstanding {
+    /// Adds `id`; false if it is already there.
+    fn insert(&mut self, id: u64) -> bool {
+        if self.contains(id) {
+            return false;
+        }
+        self.0.push(id);
+        true
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.0.iter().rev().any(|&x| x == id)
+    }
+
+    /// Removes `id`; false if it was not there.
+    fn remove(&mut self, id: u64) -> bool {
+        match self.0.iter().rposition(|&x| x == id) {
+            Some(i) => {
+                self.0.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -433,7 +477,7 @@ impl<T: Transport> Rpc<T> {
                 send_credits: 0,
                 queue: VecDeque::new(),
                 in_flight: 0,
-                served: HashSet::default(),
+                served: Outstanding::default(),
                 exposed: HashMap::default(),
                 partial: HashMap::default(),
                 ping_sent: None,
@@ -532,7 +576,7 @@ impl<T: Transport> Rpc<T> {
         result: Result<Payload, RemoteError>,
     ) -> Result<(), FabricError> {
         let c = self.conns.get_mut(conn).ok_or(FabricError::UnknownConnection(conn as u32))?;
-        if !c.served.remove(&id) {
+        if !c.served.remove(id) {
             return Err(FabricError::Violation {
                 peer: c.peer_text(),
                 reason: format!("respond() to request {id}, which is not outstanding"),
