@@ -220,7 +220,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let opts = RpcOptions {
         name: format!("fabricperf-{}", std::process::id()),
         max_message: max.max(1 << 20).try_into().context("sizes above 4 GiB")?,
-        credits: args.depth.clamp(1, u16::MAX as usize) as u16,
+        credits: args.depth.clamp(1, usize::from(fabric::rpc::MAX_CREDITS)) as u16,
         ..Default::default()
     };
     let bind = args.bind.clone().or_else(|| match args.transport.as_str() {

@@ -56,7 +56,8 @@ pub type CallId = u64;
 pub struct RpcOptions {
     /// This node's name, sent to peers in the hello.
     pub name: String,
-    /// Requests a peer may have outstanding with us at once.
+    /// Requests a peer may have outstanding with us at once (1 to
+    /// [`MAX_CREDITS`]).
     pub credits: u16,
     /// Largest payload accepted (bytes).
     pub max_message: u32,
@@ -107,8 +108,8 @@ impl Default for RpcOptions {
 impl RpcOptions {
     fn check(&self) -> Result<(), FabricError> {
         let bad = |option, reason: &str| Err(FabricError::Config { option, reason: reason.to_string() });
-        if self.credits == 0 {
-            return bad("credits", "must be at least 1");
+        if self.credits == 0 || self.credits > MAX_CREDITS {
+            return bad("credits", "must be from 1 to 4096");
         }
         if self.name.len() > frame::MAX_NAME {
             return bad("name", "must be at most 255 bytes");
@@ -311,6 +312,10 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
             .finish()
     }
 }
+
+/// Most credits an endpoint grants: the requests a connection is serving
+/// are searched one by one ([`Outstanding`]).
+pub const MAX_CREDITS: u16 = 4096;
 
 /// The ids of requests being served on one connection: at most the credits
 /// granted, and usually a handful, so a vector searched from the end (the
@@ -825,5 +830,39 @@ impl<T: Transport> Rpc<T> {
         self.calls.len() == 0
             && self.bulk_in.len() == 0
             && self.conns.iter().all(|(_, c)| c.served.is_empty() && c.exposed.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_out_of_range_are_refused_by_name() {
+        let with = |credits| RpcOptions { credits, ..Default::default() }.check();
+        for credits in [0, MAX_CREDITS + 1] {
+            match with(credits) {
+                Err(FabricError::Config { option, reason }) => {
+                    assert_eq!(option, "credits");
+                    assert!(reason.contains("4096"), "{reason}");
+                }
+                other => panic!("credits {credits}: {other:?}"),
+            }
+        }
+        assert!(with(1).is_ok() && with(MAX_CREDITS).is_ok());
+        let long = RpcOptions { name: "n".repeat(256), ..Default::default() };
+        assert!(matches!(long.check(), Err(FabricError::Config { option: "name", .. })));
+    }
+
+    #[test]
+    fn outstanding_ids_are_a_set() {
+        let mut o = Outstanding::default();
+        assert!(o.insert(3) && o.insert(9) && o.insert(4));
+        assert!(!o.insert(9), "a duplicate is refused");
+        assert!(o.remove(9) && !o.remove(9));
+        assert!(o.contains(3) && o.contains(4) && !o.contains(9));
+        assert_eq!(o.len(), 2);
+        o.clear();
+        assert!(o.is_empty());
     }
 }
