@@ -314,7 +314,7 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
 }
 
 /// Most credits an endpoint grants: the requests a connection is serving
-/// are searched one by one ([`Outstanding`]).
+/// are searched one by one.
 pub const MAX_CREDITS: u16 = 4096;
 
 /// The ids of requests being served on one connection: at most the credits
