@@ -109,7 +109,7 @@ impl RpcOptions {
     fn check(&self) -> Result<(), FabricError> {
         let bad = |option, reason: &str| Err(FabricError::Config { option, reason: reason.to_string() });
         if self.credits == 0 || self.credits > MAX_CREDITS {
-            return bad("credits", "must be from 1 to 4096");
+            return bad("credits", &format!("must be from 1 to {MAX_CREDITS}"));
         }
         if self.name.len() > frame::MAX_NAME {
             return bad("name", "must be at most 255 bytes");
