@@ -211,11 +211,10 @@ impl<T: Transport> Rpc<T> {
             self.conns.remove(conn);
             for call in queued {
                 if let Some(k) = self.calls.remove(call) {
-                    let result = Err(final_error.clone());
                     self.events.push(Event::Completion(Completion {
                         call,
                         tag: k.tag,
-                        result: result.map_err(Box::new),
+                        result: Err(Box::new(final_error.clone())),
                     }));
                 }
             }
