@@ -221,7 +221,7 @@ fn reply_entry(fs: &FileSystem, reply: ReplyEntry, r: Result<Reply, Errno>, coun
 /// Replies to readdirplus with `entries` and their attributes (entries
 /// gone since are left out).
 fn reply_plus(fs: &FileSystem, mut reply: ReplyDirectoryPlus, entries: Vec<blobfs::fs::DirEntry>) {
-    let attrs: Vec<Option<Attr>> = fs.meta().read(|s| entries.iter().map(|e| s.getattr(e.ino).ok().cloned()).collect());
+    let attrs: Vec<Option<Attr>> = fs.meta().read(|s| entries.iter().map(|e| s.getattr(e.ino).ok()).collect());
     for (e, a) in entries.iter().zip(attrs) {
         let Some(a) = a else { continue };
         let name = OsStr::from_bytes(&e.name);
@@ -277,7 +277,7 @@ impl Filesystem for Fuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.meta().read(|s| s.lookup(parent.0, name.as_bytes()).cloned()) {
+        match self.fs.meta().read(|s| s.lookup(parent.0, name.as_bytes())) {
             Ok(a) if self.fs.writing(a.ino) => {
                 self.fs.looked_up(a.ino);
                 self.spawn(move |fs| async move {
@@ -311,7 +311,7 @@ impl Filesystem for Fuse {
                 }
             });
         }
-        match self.fs.meta().read(|s| s.getattr(ino.0).cloned()) {
+        match self.fs.meta().read(|s| s.getattr(ino.0)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -388,8 +388,14 @@ impl Filesystem for Fuse {
         self.spawn_meta(move |fs| async move { reply_entry(&fs, reply, fs.apply(cmd).await, false) });
     }
 
+    /// Answered at once when the unlink cannot fail: it applies behind,
+    /// and reads see it gone meanwhile ([`FileSystem::unlink_ahead`]).
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let cmd = Cmd::Unlink { parent: parent.0, name: name_of(name), now: now() };
+        let now = now();
+        if self.fs.unlink_ahead(parent.0, name.as_bytes(), now) {
+            return reply.ok();
+        }
+        let cmd = Cmd::Unlink { parent: parent.0, name: name_of(name), now };
         self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }
 

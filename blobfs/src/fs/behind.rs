@@ -372,7 +372,7 @@ impl FileSystem {
     /// `ino`'s attributes once its writes are settled.
     pub async fn settled_attr(&self, ino: Ino) -> Result<super::Attr, Errno> {
         self.settle(ino).await;
-        self.meta.read(|s| s.getattr(ino).cloned())
+        self.meta.read(|s| s.getattr(ino))
     }
 
     /// Waits for the writes of every file ([`FileSystem::settle`]).

@@ -167,7 +167,14 @@ impl FileSystem {
             // 8 MiB store that had 0.5 MiB left, and the log write failed).
             self.meta.sync().await?;
         }
-        match &reply {
+        self.applied(&reply).await?;
+        Ok(reply)
+    }
+
+    /// Does what an applied command's reply asks: frees the chunks it let
+    /// go of, reclaims the orphans nobody has open.
+    async fn applied(&self, reply: &Reply) -> Result<(), Errno> {
+        match reply {
             Reply::Attr(_, freed) | Reply::Freed(freed) => {
                 self.data.free_after(self.meta.log_position(), freed.iter().copied())
             }
@@ -180,7 +187,24 @@ impl FileSystem {
             }
             Reply::Entry(_) | Reply::Done => {}
         }
-        Ok(reply)
+        Ok(())
+    }
+
+    /// Unlinks `name` from directory `parent` if that is sure to succeed,
+    /// without waiting for it to apply: the caller answers at once, and
+    /// the unlink applies behind on the metadata thread, followed by the
+    /// reclaim of its inode if nobody holds it (see
+    /// [`MetaRaft::unlink_ahead`]; readers see it gone at once, `sync`
+    /// waits for both). Returns false, with nothing done, when the unlink
+    /// must go through [`FileSystem::apply`] instead (which gives its
+    /// error, if any); so it does near the end of the store, where each
+    /// command waits for its log record.
+    pub fn unlink_ahead(self: &Arc<Self>, parent: Ino, name: &[u8], now: Time) -> bool {
+        if self.data.metadata_space_low() || self.data.metadata_space_tight() {
+            return false;
+        }
+        let fs = self.clone();
+        self.meta.unlink_ahead(parent, name, now, move |reply| async move { fs.applied(&reply?).await })
     }
 
     /// Starts a snapshot (unless one is under way): the log before it can
@@ -399,7 +423,7 @@ impl FileSystem {
             Ok((n, runs)) if n == data.len() && runs.iter().map(|(_, _, r)| r.len()).sum::<usize>() == n => runs,
             _ => return Err(answer),
         };
-        let Ok(current) = self.meta.read(|s| s.getattr(ino).map(|a| times_current(a, now))) else {
+        let Ok(current) = self.meta.read(|s| s.getattr(ino).map(|a| times_current(&a, now))) else {
             return Err(answer);
         };
         let end = offset + len;
@@ -474,7 +498,7 @@ impl FileSystem {
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8], now: Time) -> Result<Attr, Errno> {
         let end = super::behind::write_end(offset, data)?;
         if data.is_empty() {
-            return self.meta.read(|s| s.getattr(ino).cloned());
+            return self.meta.read(|s| s.getattr(ino));
         }
         if let Some(policy) = self.meta.read(|s| s.reduce_policy(ino))? {
             return self.write_reduced(ino, offset, data, now, policy).await;
@@ -688,7 +712,7 @@ impl FileSystem {
         }
         match attr {
             Some(a) => Ok(a),
-            None => self.meta.read(|s| s.getattr(ino).cloned()),
+            None => self.meta.read(|s| s.getattr(ino)),
         }
     }
 

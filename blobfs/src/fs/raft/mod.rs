@@ -6,6 +6,7 @@
 //! xattrs name the log blob and the current snapshot blob; the root's own
 //! blob sync makes a change of either atomic.
 
+mod ahead;
 mod log;
 mod sm;
 
@@ -21,10 +22,13 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 
+pub use ahead::{MAX_AHEAD, View};
 pub use log::{Durability, LogStore};
 pub use sm::{StateMachine, decode_state, encode_state};
 
-use super::{Cmd, Errno, MetaState, Reply, Time};
+use futures_util::FutureExt;
+
+use super::{Cmd, Errno, Ino, MetaState, Reply, Time};
 use crate::{BlobError, BlobOptions, Blobstore};
 
 /// What a command returns through Raft.
@@ -90,6 +94,8 @@ pub struct MetaRaft {
     log_blob: Arc<super::HeldBlob>,
     /// Where the group's tasks run.
     thread: Arc<MetaThread>,
+    /// Unlinks answered before they apply.
+    ahead: Arc<ahead::Ahead>,
 }
 
 /// A thread of its own for the group's tasks (openraft's core and state
@@ -165,7 +171,8 @@ impl MetaRaft {
             store.sync_blob(root).await?;
         }
         let born = Time(xattr_u64(&xattrs, BORN_XATTR)?.map_or_else(wall_clock_ns, |t| t as i64));
-        let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, born)).await?;
+        let ahead = Arc::new(ahead::Ahead::new());
+        let sm = StateMachine::open(store.clone(), root, MetaState::new(chunk_size, 0, 0, born), ahead.clone()).await?;
         let log_handle = store.open_blob(log_blob).await?;
         let shared = log_handle.shared().clone();
         let held = Arc::new(super::HeldBlob::new(log_handle));
@@ -194,7 +201,7 @@ impl MetaRaft {
         if fresh || log.last_index().is_none() {
             raft.initialize(members).await.map_err(|e| BlobError::MetaGroup(format!("initializing: {e}")))?;
         }
-        let me = MetaRaft { raft, state, log, log_blob: held, thread };
+        let me = MetaRaft { raft, state, log, log_blob: held, thread, ahead };
         me.catch_up().await?;
         Ok(me)
     }
@@ -227,6 +234,8 @@ impl MetaRaft {
 
     /// Proposes a command and returns its reply once it is applied.
     pub async fn write(&self, cmd: Cmd) -> Result<Reply, Errno> {
+        let _removing =
+            matches!(cmd, Cmd::Unlink { .. } | Cmd::Rmdir { .. } | Cmd::Rename { .. }).then(|| self.ahead.removing());
         match self.raft.client_write(cmd).await {
             Ok(r) => r.data,
             Err(e) => {
@@ -236,13 +245,55 @@ impl MetaRaft {
         }
     }
 
-    /// Reads the state (as of every write that has returned).
-    pub fn read<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
-        f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    /// Proposes `Cmd::Unlink { parent, name, now }` if it is sure to
+    /// succeed, so that it can be answered now (see [`View`]). Once it has
+    /// applied, `then` gets its reply on the group's thread; [`sync`]
+    /// waits for both, and reports an error `then` returns. False, with
+    /// nothing done, when the unlink must go through [`MetaRaft::write`]:
+    /// the name is missing or a directory, a command that removes names
+    /// is in flight, or [`MAX_AHEAD`] unlinks are ahead already.
+    ///
+    /// [`sync`]: MetaRaft::sync
+    pub fn unlink_ahead<F, Fut>(&self, parent: Ino, name: &[u8], now: Time, then: F) -> bool
+    where
+        F: FnOnce(CmdResult) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), Errno>> + Send,
+    {
+        let (reply, seq) = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let mut book = self.ahead.book();
+            let Some(ino) = book.can_unlink(&state, parent, name) else { return false };
+            // The group's queue is unbounded: the send completes here,
+            // ahead of anything proposed after this check.
+            let cmd = Cmd::Unlink { parent, name: name.to_vec(), now };
+            let Some(Ok(reply)) = self.raft.client_write_ff(cmd).now_or_never() else { return false };
+            (reply, book.answered(parent, name.to_vec(), ino, now))
+        };
+        let ahead = self.ahead.clone();
+        self.thread.handle.spawn(async move {
+            let r = match reply.await {
+                Ok(Ok(r)) => r.data,
+                failed => {
+                    tracing::error!("metadata write of an unlink answered ahead failed: {failed:?}");
+                    Err(Errno::EIO)
+                }
+            };
+            ahead.settled(seq, then(r).await.is_ok());
+        });
+        true
     }
 
-    /// Waits until every write that has returned is durable (`fsync`).
+    /// Reads the state (as of every write that has returned, and every
+    /// unlink answered ahead).
+    pub fn read<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&self.ahead.book().view(&state))
+    }
+
+    /// Waits until every write that has returned, and every unlink
+    /// answered ahead, is durable (`fsync`).
     pub async fn sync(&self) -> Result<(), Errno> {
+        self.ahead.settle().await?;
         self.log.sync().await.map_err(|e| {
             tracing::error!("metadata sync failed: {e}");
             Errno::EIO

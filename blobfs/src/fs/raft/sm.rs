@@ -44,6 +44,8 @@ pub struct StateMachine {
     inner: Arc<tokio::sync::Mutex<Applied>>,
     store: Blobstore,
     root: u64,
+    /// Unlinks answered ahead: each leaves it as it applies.
+    ahead: Arc<super::ahead::Ahead>,
 }
 
 struct Applied {
@@ -86,7 +88,12 @@ fn io_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
 impl StateMachine {
     /// Loads the current snapshot named by the root blob, or starts from
     /// `fresh` if there is none.
-    pub async fn open(store: Blobstore, root: u64, fresh: MetaState) -> std::result::Result<Self, crate::BlobError> {
+    pub(crate) async fn open(
+        store: Blobstore,
+        root: u64,
+        fresh: MetaState,
+        ahead: Arc<super::ahead::Ahead>,
+    ) -> std::result::Result<Self, crate::BlobError> {
         let xattrs = store.xattrs(root).await?;
         let (applied, state) = match xattr_u64(&xattrs, SNAPSHOT_XATTR)? {
             Some(blob) => {
@@ -114,6 +121,7 @@ impl StateMachine {
             inner: Arc::new(tokio::sync::Mutex::new(applied)),
             store,
             root,
+            ahead,
         })
     }
 
@@ -203,7 +211,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = Some(entry.log_id);
             out.push(match entry.payload {
                 EntryPayload::Blank => Ok(crate::fs::Reply::Done),
-                EntryPayload::Normal(cmd) => state.apply(&cmd),
+                EntryPayload::Normal(cmd) => {
+                    let r = state.apply(&cmd);
+                    if let crate::fs::Cmd::Unlink { parent, name, .. } = &cmd {
+                        self.ahead.applied(*parent, name, r.is_ok());
+                    }
+                    r
+                }
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
                     Ok(crate::fs::Reply::Done)
