@@ -284,7 +284,8 @@ impl MetaRaft {
     }
 
     /// Reads the state (as of every write that has returned, and every
-    /// unlink answered ahead).
+    /// unlink answered ahead). `f` must not read again: the overlay's lock
+    /// is held while it runs.
     pub fn read<T>(&self, f: impl FnOnce(&View) -> T) -> T {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         f(&self.ahead.book().view(&state))
