@@ -200,7 +200,8 @@ impl FileSystem {
     /// error, if any); so it does near the end of the store, where each
     /// command waits for its log record.
     pub fn unlink_ahead(self: &Arc<Self>, parent: Ino, name: &[u8], now: Time) -> bool {
-        if self.data.metadata_space_low() || self.data.metadata_space_tight() {
+        // Low space (half the reserve) is tight space too.
+        if self.data.metadata_space_tight() {
             return false;
         }
         let fs = self.clone();
