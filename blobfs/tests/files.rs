@@ -863,6 +863,82 @@ fn unlinks_answered_ahead_read_as_done_at_once_and_are_durable_after_sync() {
 }
 
 #[test]
+fn creates_answered_ahead_read_as_done_at_once_and_are_durable_after_sync() {
+    let mut fx = Fx::on(64, true, UNIT);
+    let entry = |r: Reply| match r {
+        Reply::Entry(a) => a,
+        r => panic!("{r:?}"),
+    };
+    // A set-group-id directory of group 77: its new files take that group.
+    let d = entry(fx.apply(Cmd::Mkdir { parent: ROOT, name: b"d".to_vec(), perm: 0o755, by: BY }).unwrap()).ino;
+    let set = SetAttr { perm: Some(0o2777), gid: Some(77), ..Default::default() };
+    fx.apply(Cmd::SetAttr { ino: d, set, now: Time(6) }).unwrap();
+    let mut told = Vec::new();
+    let mut ahead = 0;
+    for i in 0..200u8 {
+        let name = format!("f{i}").into_bytes();
+        let by = Creator { uid: 5, gid: 6, now: Time(100 + i64::from(i)) };
+        let a = match fx.fs.create_ahead(d, &name, 0o640, by) {
+            Some(a) => {
+                ahead += 1;
+                a
+            }
+            None => {
+                let cmd = Cmd::Mknod { parent: d, name: name.clone(), kind: FileKind::File, perm: 0o640, rdev: 0, by };
+                entry(fx.apply(cmd).unwrap())
+            }
+        };
+        assert_eq!((a.uid, a.gid, a.perm, a.nlink, a.size), (5, 77, 0o640, 1, 0), "f{i}: {a:?}");
+        // Answered: every reader sees the file, at once.
+        fx.fs.meta().read(|s| {
+            assert_eq!(s.lookup(d, &name).as_ref(), Ok(&a), "f{i} is not found as its creator was told");
+            assert_eq!(s.getattr(a.ino).as_ref(), Ok(&a));
+            assert!(s.readdir(d, 0, usize::MAX).unwrap().iter().any(|e| e.name == name && e.ino == a.ino));
+            let dir = s.getattr(d).unwrap();
+            assert!(dir.mtime >= by.now && dir.ctime >= by.now, "f{i}: the directory's times are {dir:?}");
+        });
+        // Some are written at once: the write waits for the create.
+        if i % 40 == 3 {
+            fx.fs.created(a.ino);
+            fx.write(a.ino, 0, vec![i; UNIT as usize]).unwrap();
+        }
+        told.push((name, a));
+    }
+    assert!(ahead > 0, "no create was answered ahead");
+    // What cannot be: a name that is taken (the usual way then says so,
+    // after the creates ahead), a directory that is not there.
+    assert!(fx.fs.create_ahead(d, b"f0", 0o640, BY).is_none());
+    let cmd = Cmd::Mknod { parent: d, name: b"f0".to_vec(), kind: FileKind::File, perm: 0o640, rdev: 0, by: BY };
+    assert_eq!(fx.apply(cmd).err(), Some(Errno::EEXIST));
+    assert!(fx.fs.create_ahead(999, b"x", 0o640, BY).is_none());
+
+    // A sync waits for all of them: the state itself has each file as its
+    // creator was told.
+    fx.run(|fs| Box::pin(async move { fs.sync().await })).unwrap();
+    let check = |fx: &Fx| {
+        fx.fs
+            .meta()
+            .read(|s| {
+                let listed = s.applied().readdir(d, 0, usize::MAX).unwrap();
+                assert_eq!(listed.len(), told.len() + 2);
+                for (name, a) in &told {
+                    let now = s.applied().lookup(d, name).unwrap();
+                    assert_eq!((now.ino, now.generation, now.gid, now.btime), (a.ino, a.generation, a.gid, a.btime));
+                }
+                s.check()
+            })
+            .unwrap();
+    };
+    check(&fx);
+    // Nothing of it is lost to a power cut after the sync.
+    fx.power_cut(nvme::crash::PowerCutMode::Drop, 22);
+    check(&fx);
+    for (i, (_, a)) in told.iter().enumerate().filter(|(i, _)| i % 40 == 3) {
+        assert_eq!(fx.read(a.ino, 0, 8), vec![i as u8; 8]);
+    }
+}
+
+#[test]
 fn a_full_pool_says_enospc_and_deleting_makes_room() {
     // 8 MiB: a few MiB of data pool once the store's metadata is placed.
     let mut fx = Fx::new(8);

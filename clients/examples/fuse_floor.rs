@@ -17,11 +17,11 @@ use std::ffi::{OsStr, OsString};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use clients::fuse::TTL;
+use clients::fuse::{OPEN_FLAGS, TTL};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 struct Node {
@@ -233,13 +233,9 @@ impl Filesystem for FloorFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // As ClaudeFS opens: no FLUSH for the close of a read-only handle.
-        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.lock().node(ino) {
-            Ok(_) => {
-                reply.opened(FileHandle(0), if read_only { FopenFlags::FOPEN_NOFLUSH } else { FopenFlags::empty() })
-            }
+            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(e),
         }
     }
@@ -255,7 +251,7 @@ impl Filesystem for FloorFs {
         reply: ReplyCreate,
     ) {
         match self.lock().make(req, parent, name, FileType::RegularFile, mode & !umask & 0o7777) {
-            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
+            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(e),
         }
     }

@@ -46,9 +46,18 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
-/// How files are opened: direct writes (O_DIRECT) may run side by side; the
-/// file system orders what must be ordered ([`FileSystem::write`]).
-const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+/// How files are opened:
+/// - direct writes (O_DIRECT) may run side by side; the file system orders
+///   what must be ordered ([`FileSystem::write`]);
+/// - no FLUSH on close: without the writeback cache the kernel holds
+///   nothing a close must write, and ClaudeFS's close does not wait for
+///   writes behind either, so the round trip would only report an error a
+///   write behind met before the close. That error goes where a local
+///   file system's writeback error goes: to the next `fsync` of a handle
+///   not yet told of it (docs/fs.md, "Write-behind"). With the writeback
+///   cache the kernel ignores the flag and flushes on every close
+///   ([`Fuse::flush`]).
+pub const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES.union(FopenFlags::FOPEN_NOFLUSH);
 
 /// How ClaudeFS mounts: permission checks by the kernel, open to every user
 /// (the server runs as root), several request threads.
@@ -250,6 +259,11 @@ fn set_time(t: Option<TimeOrNow>) -> Option<Time> {
     })
 }
 
+/// A regular file may be created ahead of its apply
+/// ([`FileSystem::create_ahead`]): lookups, attributes, listings, opens and
+/// closes see it at once; every handler that asks more of an inode, or
+/// changes it, first waits until the state has it ([`FileSystem::created`],
+/// microseconds, and nothing when the inode is not one of those).
 impl Filesystem for Fuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
@@ -335,6 +349,7 @@ impl Filesystem for Fuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.fs.created(ino.0);
         let set = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
@@ -362,6 +377,7 @@ impl Filesystem for Fuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.fs.created(ino.0);
         match self.fs.meta().read(|s| s.readlink(ino.0).map(<[u8]>::to_vec)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
@@ -445,6 +461,7 @@ impl Filesystem for Fuse {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.fs.created(ino.0);
         let cmd = Cmd::Link { ino: ino.0, parent: newparent.0, name: name_of(newname), now: now() };
         self.spawn_meta(move |fs| async move {
             // The reply holds the file's attributes.
@@ -457,16 +474,9 @@ impl Filesystem for Fuse {
     /// truncate, before it checks for ETXTBSY, so a refused
     /// `open(O_RDONLY|O_TRUNC)` of a running binary still emptied it. The
     /// kernel truncates with a SETATTR after its checks instead.
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.meta().read(|s| s.getattr(ino.0).map(|_| ())) {
-            Ok(()) => {
-                let fh = FileHandle(self.fs.opened(ino.0));
-                // A handle that cannot write has nothing to flush: the
-                // kernel sends no FLUSH for its close (its fsync still
-                // reports errors of writes behind).
-                let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-                reply.opened(fh, if read_only { OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH } else { OPEN_FLAGS })
-            }
+            Ok(()) => reply.opened(FileHandle(self.fs.opened(ino.0)), OPEN_FLAGS),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -481,21 +491,20 @@ impl Filesystem for Fuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let cmd = Cmd::Mknod {
-            parent: parent.0,
-            name: name_of(name),
-            kind: FileKind::File,
-            perm: mode & !umask & 0o7777,
-            rdev: 0,
-            by: creator(req),
+        let (perm, by) = (mode & !umask & 0o7777, creator(req));
+        let created = |fs: &FileSystem, a: Attr, reply: ReplyCreate| {
+            fs.looked_up(a.ino);
+            let fh = FileHandle(fs.opened(a.ino));
+            reply.created(&TTL, &file_attr(&a), Generation(a.generation), fh, OPEN_FLAGS);
         };
+        // Answered here if it cannot fail; it applies behind.
+        if let Some(a) = self.fs.create_ahead(parent.0, name.as_bytes(), perm, by) {
+            return created(&self.fs, a, reply);
+        }
+        let cmd = Cmd::Mknod { parent: parent.0, name: name_of(name), kind: FileKind::File, perm, rdev: 0, by };
         self.spawn_meta(move |fs| async move {
             match fs.apply(cmd).await {
-                Ok(Reply::Entry(a)) => {
-                    fs.looked_up(a.ino);
-                    let fh = FileHandle(fs.opened(a.ino));
-                    reply.created(&TTL, &file_attr(&a), Generation(a.generation), fh, OPEN_FLAGS);
-                }
+                Ok(Reply::Entry(a)) => created(&fs, a, reply),
                 Ok(_) => reply.error(fuser::Errno::EIO),
                 Err(e) => reply.error(errno(e)),
             }
@@ -513,6 +522,7 @@ impl Filesystem for Fuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        self.fs.created(ino.0);
         // Answered by the reactor that reads the pages, unless the file has
         // writes behind to wait for (or is reduced): then from a task.
         let answer = move |r: Result<&[u8], Errno>| match r {
@@ -537,6 +547,7 @@ impl Filesystem for Fuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.fs.created(ino.0);
         // A write takes the file's capabilities, and its set-ID bits if the
         // kernel says the writer lacks CAP_FSETID; a file with any of them
         // drops them first, from a task.
@@ -585,6 +596,7 @@ impl Filesystem for Fuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.fs.created(ino.0);
         // Like a write, it takes privileges (`setattr` says whose).
         let drop = drops_of(req);
         self.spawn(move |fs| async move {
@@ -596,6 +608,8 @@ impl Filesystem for Fuse {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        // Sent only with the writeback cache (files are opened
+        // FOPEN_NOFLUSH), after the kernel wrote the file's dirty pages.
         // Flush-behind: a close does not wait for the file's writes still
         // behind (whatever reads the file settles them first, and fsync
         // waits for them); it reports an error one of them has met that
@@ -620,6 +634,7 @@ impl Filesystem for Fuse {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.fs.created(ino.0);
         self.spawn(move |fs| async move { reply_empty(reply, fs.fsync(ino.0, Some(fh.0)).await) });
     }
 
@@ -673,6 +688,7 @@ impl Filesystem for Fuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.fs.created(ino.0);
         let mode = match flags {
             0 => XattrMode::Upsert,
             libc::XATTR_CREATE => XattrMode::Create,
@@ -684,6 +700,7 @@ impl Filesystem for Fuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.fs.created(ino.0);
         match self.fs.meta().read(|s| s.getxattr(ino.0, name.as_bytes()).map(<[u8]>::to_vec)) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
@@ -693,6 +710,7 @@ impl Filesystem for Fuse {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.fs.created(ino.0);
         let names = self.fs.meta().read(|s| {
             s.listxattr(ino.0).map(|names| {
                 names.fold(Vec::new(), |mut out, n| {
@@ -711,6 +729,7 @@ impl Filesystem for Fuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.fs.created(ino.0);
         let cmd = Cmd::RemoveXattr { ino: ino.0, name: name_of(name), now: now() };
         self.spawn_meta(move |fs| async move { reply_empty(reply, fs.apply(cmd).await) });
     }

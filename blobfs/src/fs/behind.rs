@@ -17,9 +17,10 @@
 //!   error. A device or metadata error after the reply is kept for the
 //!   file and returned, once to each open file (handle) that was open
 //!   when it happened or opens before anyone has seen it, by that handle's
-//!   next `fsync`, or by its close if the error came first
-//!   ([`FileSystem::write_error`]: a close does not wait for writes
-//!   behind), as the kernel's errseq reports writeback errors.
+//!   next `fsync`, or by its close if the error came first and the client
+//!   asks at close ([`FileSystem::write_error`]: a close does not wait for
+//!   writes behind; the FUSE mount asks only with the writeback cache), as
+//!   the kernel's errseq reports writeback errors.
 //! - Near the end of the store's space, and for reduced files, writes go
 //!   through as before.
 //! - At most [`BUDGET`] bytes are behind at once; beyond it a write waits.

@@ -208,6 +208,30 @@ impl FileSystem {
         self.meta.unlink_ahead(parent, name, now, move |reply| async move { fs.applied(&reply?).await })
     }
 
+    /// Creates the regular file `name` in directory `parent` (`perm`,
+    /// umask applied, by `by`) if that is sure to succeed, without waiting
+    /// for it to apply: the caller answers at once with the attributes it
+    /// gets, and the create applies behind on the metadata thread (see
+    /// [`MetaRaft::create_ahead`]; readers see the file at once, `sync`
+    /// waits for it). Anything but its attributes and its entry waits for
+    /// the apply: see [`FileSystem::created`]. None, with nothing done,
+    /// when the create must go through [`FileSystem::apply`] instead; so
+    /// it does near the end of the store.
+    pub fn create_ahead(&self, parent: Ino, name: &[u8], perm: u32, by: super::Creator) -> Option<super::Attr> {
+        if self.data.metadata_space_tight() {
+            return None;
+        }
+        self.meta.create_ahead(parent, name, perm, by)
+    }
+
+    /// Blocks until `ino`, if it is a file created ahead, has applied
+    /// (microseconds; at once for any other inode). A caller that asks
+    /// more of an inode than its attributes, or changes it, calls this
+    /// first.
+    pub fn created(&self, ino: Ino) {
+        self.meta.wait_created(ino)
+    }
+
     /// Starts a snapshot (unless one is under way): the log before it can
     /// then go, and the log's next rotation gives its space back. The
     /// compaction lock is held until it is done.

@@ -526,12 +526,19 @@ impl MetaState {
     }
 
     fn new_inode(&mut self, kind: FileKind, perm: u32, rdev: u32, by: Creator, body: Body) -> Ino {
-        let ino = self.next_ino;
+        let attr = self.new_attr(kind, perm, rdev, by);
+        let ino = attr.ino;
         self.next_ino += 1;
-        let generation = self.next_generation;
         self.next_generation += 1;
-        let attr = Attr {
-            ino,
+        self.inodes.insert(ino, Inode { attr, xattrs: BTreeMap::new(), body });
+        self.usage.inodes += 1;
+        ino
+    }
+
+    /// The attributes of the next inode created.
+    fn new_attr(&self, kind: FileKind, perm: u32, rdev: u32, by: Creator) -> Attr {
+        Attr {
+            ino: self.next_ino,
             kind,
             perm: perm & 0o7777,
             uid: by.uid,
@@ -543,11 +550,39 @@ impl MetaState {
             ctime: by.now,
             btime: by.now,
             rdev,
-            generation,
-        };
-        self.inodes.insert(ino, Inode { attr, xattrs: BTreeMap::new(), body });
-        self.usage.inodes += 1;
-        ino
+            generation: self.next_generation,
+        }
+    }
+
+    /// What a new inode of `kind` in directory `parent` takes from it: its
+    /// permission bits and its creator's group, given the caller's.
+    fn inherit(&self, parent: Ino, kind: FileKind, perm: u32, mut by: Creator) -> (u32, Creator) {
+        let mut perm = perm & 0o7777;
+        let dir = &self.inodes[&parent].attr;
+        if dir.perm & libc::S_ISGID != 0 {
+            // BSD group semantics below a set-group-id directory: the new
+            // inode takes the directory's group, a new directory its flag.
+            by.gid = dir.gid;
+            if kind == FileKind::Dir {
+                perm |= libc::S_ISGID;
+            }
+        }
+        (perm, by)
+    }
+
+    /// The attributes `Cmd::Mknod` of a regular file would give the inode
+    /// it creates if it applied now, and the cookie of its entry; an error
+    /// if it would fail. None for a directory whose new files take a
+    /// reduce policy (their inodes are more than attributes).
+    pub fn plan_file(&self, parent: Ino, name: &[u8], perm: u32, by: Creator) -> Result<Option<(Attr, u64)>, Errno> {
+        self.free_name(parent, name)?;
+        let dir = &self.inodes[&parent];
+        let Body::Dir { next_cookie, .. } = dir.body else { unreachable!("free_name checked it") };
+        if dir.xattrs.contains_key(POLICY_XATTR) {
+            return Ok(None);
+        }
+        let (perm, by) = self.inherit(parent, FileKind::File, perm, by);
+        Ok(Some((self.new_attr(FileKind::File, perm, 0, by), next_cookie)))
     }
 
     /// The directory `ino`, or ENOENT / ENOTDIR.
@@ -594,20 +629,11 @@ impl MetaState {
         kind: FileKind,
         perm: u32,
         rdev: u32,
-        mut by: Creator,
+        by: Creator,
         body: Body,
     ) -> Result<Reply, Errno> {
         self.free_name(parent, name)?;
-        let mut perm = perm & 0o7777;
-        let dir = &self.inodes[&parent].attr;
-        if dir.perm & libc::S_ISGID != 0 {
-            // BSD group semantics below a set-group-id directory: the new
-            // inode takes the directory's group, a new directory its flag.
-            by.gid = dir.gid;
-            if kind == FileKind::Dir {
-                perm |= libc::S_ISGID;
-            }
-        }
+        let (perm, by) = self.inherit(parent, kind, perm, by);
         if kind == FileKind::Dir && self.inodes[&parent].attr.nlink >= LINK_MAX {
             return Err(Errno::EMLINK);
         }

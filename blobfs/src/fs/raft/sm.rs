@@ -44,7 +44,7 @@ pub struct StateMachine {
     inner: Arc<tokio::sync::Mutex<Applied>>,
     store: Blobstore,
     root: u64,
-    /// Unlinks answered ahead: each leaves it as it applies.
+    /// Commands answered ahead: each leaves it as it applies.
     ahead: Arc<super::ahead::Ahead>,
 }
 
@@ -213,9 +213,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Ok(crate::fs::Reply::Done),
                 EntryPayload::Normal(cmd) => {
                     let r = state.apply(&cmd);
-                    if let crate::fs::Cmd::Unlink { parent, name, .. } = &cmd {
-                        self.ahead.applied(*parent, name, r.is_ok());
-                    }
+                    self.ahead.applied(&cmd, &r);
                     r
                 }
                 EntryPayload::Membership(m) => {
