@@ -308,7 +308,7 @@ impl Drop for Naming<'_> {
 /// and creates answered ahead of their apply. It reads as [`MetaState`]
 /// does; what those commands change is answered here (attributes, lookups,
 /// listings). Other questions about a file created ahead must wait for it
-/// ([`Ahead::wait_created`]).
+/// ([`super::MetaRaft::wait_created`]).
 pub struct View<'a> {
     state: &'a MetaState,
     book: &'a Book,
