@@ -232,8 +232,12 @@ impl Book {
 
     /// Whether a command ahead names `name` in `parent`.
     fn names(&self, parent: Ino, name: &[u8]) -> bool {
+        self.hides(parent, name) || self.creates.iter().any(|c| c.parent == parent && c.name == name)
+    }
+
+    /// Whether an unlink ahead removes `name` from `parent`.
+    fn hides(&self, parent: Ino, name: &[u8]) -> bool {
         self.unlinks.iter().any(|u| u.parent == parent && u.name == name)
-            || self.creates.iter().any(|c| c.parent == parent && c.name == name)
     }
 
     /// Whether `Unlink { parent, name }` is sure to succeed when it
@@ -328,10 +332,6 @@ impl View<'_> {
         self.state
     }
 
-    fn hides(&self, parent: Ino, name: &[u8]) -> bool {
-        self.book.unlinks.iter().any(|u| u.parent == parent && u.name == name)
-    }
-
     /// An inode's attributes.
     pub fn getattr(&self, ino: Ino) -> Result<Attr, Errno> {
         let mut attr = match self.book.creates.iter().find(|c| c.attr.ino == ino) {
@@ -363,7 +363,7 @@ impl View<'_> {
             return self.getattr(c.attr.ino);
         }
         let ino = self.state.lookup(parent, name)?.ino;
-        if self.hides(parent, name) {
+        if self.book.hides(parent, name) {
             return Err(Errno::ENOENT);
         }
         self.getattr(ino)
@@ -378,7 +378,7 @@ impl View<'_> {
         // Entries created ahead follow every applied one.
         let ended = entries.len() < want;
         if hidden > 0 {
-            entries.retain(|e| !self.hides(dir, &e.name));
+            entries.retain(|e| !self.book.hides(dir, &e.name));
         }
         if ended {
             let created = self.book.creates.iter().filter(|c| c.parent == dir && c.cookie > offset);
