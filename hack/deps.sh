@@ -31,6 +31,14 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# FUSE requests over io_uring, one queue per CPU (Linux 6.14+): the kernel
+# offers it only with the fuse module's enable_uring on (docs/fs.md, "Transports").
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring" ] && [ "$(cat "$uring")" = N ]; then
+  echo "hack/deps.sh: turning on FUSE over io_uring ($uring)" >&2
+  echo Y > "$uring"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 fi

@@ -75,6 +75,9 @@ struct MountArgs {
     /// Write through the kernel's writeback cache (docs/fs.md).
     #[arg(long)]
     writeback_cache: bool,
+    /// Serve FUSE requests over /dev/fuse only (docs/fs.md, "Transports").
+    #[arg(long)]
+    dev_fuse_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -164,7 +167,7 @@ fn rpc(args: RpcArgs) -> anyhow::Result<ExitCode> {
 /// Logging without RUST_LOG: openraft's routine chatter left out, and
 /// fuser's unmount warnings, since the server unmounts itself first and
 /// fuser's second try then fails harmlessly (`methods::fs::unmount`).
-const DEFAULT_LOG: &str = "info,openraft=warn,fuser::mnt=error";
+const DEFAULT_LOG: &str = "info,openraft=warn";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -179,7 +182,8 @@ fn main() -> ExitCode {
         Command::Down(a) => call(&a.socket, "framework_shutdown", None),
         Command::Mount(a) => std::path::absolute(&a.mountpoint).map_err(Into::into).and_then(|path| {
             let params = serde_json::json!({
-                "bdev_name": a.bdev, "mountpoint": path, "writeback_cache": a.writeback_cache
+                "bdev_name": a.bdev, "mountpoint": path, "writeback_cache": a.writeback_cache,
+                "dev_fuse_only": a.dev_fuse_only
             });
             call(&a.server.socket, "fs_mount", Some(params))
         }),

@@ -53,6 +53,10 @@ pub struct UpArgs {
     /// docs/fs.md says what it changes).
     #[arg(long)]
     pub writeback_cache: bool,
+    /// Serve FUSE requests over /dev/fuse only, even where the kernel
+    /// offers per-CPU io_uring queues (docs/fs.md, "Transports").
+    #[arg(long)]
+    pub dev_fuse_only: bool,
     /// Master key of encrypted data: a file of 32 raw bytes or 64 hex
     /// digits (`head -c 32 /dev/urandom > key`). The first key a file
     /// system is given is the one it keeps (docs/reduce.md).
@@ -159,6 +163,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 "bdev_name": "Uring0",
                 "mountpoint": args.mount,
                 "writeback_cache": args.writeback_cache,
+                "dev_fuse_only": args.dev_fuse_only,
                 "key_file": args.key_file.as_ref().map(|p| std::path::absolute(p).unwrap_or(p.clone())),
                 "passphrase_file": args.passphrase_file.as_ref().map(|p| std::path::absolute(p).unwrap_or(p.clone())),
             })),

@@ -625,6 +625,16 @@ fn bad_mount_points_are_refused_with_their_reason() {
 }
 
 /// pjdfstest installed by `hack/deps.sh test` (in `$HOME/.cargo/bin` or on PATH).
+/// Whether the kernel offers FUSE over io_uring (hack/deps.sh turns it on
+/// where the kernel has it).
+fn uring_offered() -> bool {
+    let on = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y");
+    if !on {
+        eprintln!("note: the kernel offers no FUSE io_uring queues here; every mount uses /dev/fuse");
+    }
+    on
+}
+
 fn pjdfstest() -> Option<PathBuf> {
     let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/pjdfstest"));
     home.filter(|p| p.exists()).or_else(|| {
@@ -640,9 +650,13 @@ fn pjdfstest_passes_on_the_mount() {
         return;
     };
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/pjdfstest.toml");
-    // Without and with the kernel's writeback cache.
-    for extra in [&[][..], &["--writeback-cache"]] {
+    // Without and with the kernel's writeback cache, and over /dev/fuse
+    // where the kernel would offer io_uring queues.
+    for extra in [&[][..], &["--writeback-cache"], &["--dev-fuse-only"]] {
         let up = Up::spawn_with(dir.path(), &image, &mnt, "256m", extra).wait_mounted().unwrap();
+        let mounts = up.rpc("fs_get_mounts", serde_json::json!({}));
+        let ring = !extra.contains(&"--dev-fuse-only") && uring_offered();
+        assert_eq!(mounts[0]["fuse_transport"], if ring { "io_uring" } else { "/dev/fuse" }, "{mounts}");
         let work = mnt.join("work");
         std::fs::create_dir(&work).unwrap();
         let out = Command::new(&bin).arg("-c").arg(&config).arg("-p").arg(&work).current_dir(&work).output().unwrap();

@@ -1,7 +1,8 @@
 //! The FUSE floor: a file system held in memory that answers every request
 //! on the thread that read it, mounted exactly as ClaudeFS mounts
-//! ([`clients::fuse::mount_config`], the same init flags but readdirplus,
-//! the same cache lifetimes). Nothing a file system can do costs less per
+//! ([`clients::fuse::Session`] with the default [`clients::fuse::MountOptions`]:
+//! over io_uring where the kernel offers it, the same init flags but
+//! readdirplus, the same cache lifetimes). Nothing a file system can do costs less per
 //! request, so `hack/bench/fs.py` measures it beside ClaudeFS: what the
 //! kernel, `/dev/fuse` and fuser's threads take alone on the host.
 //!
@@ -13,21 +14,15 @@
 //! ClaudeFS answers for one that is absent).
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
 
-use clients::fuse::{OPEN_FLAGS, TTL};
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
-};
+use clients::fuse::proto::{FileAttr, Header, Kind, Op, Stamp, Statfs, fattr, init};
+use clients::fuse::{Handler, MountOptions, OPEN_FLAGS, Reply, Session};
 
 struct Node {
     attr: FileAttr,
     /// A directory's entries.
-    entries: BTreeMap<OsString, u64>,
+    entries: BTreeMap<Vec<u8>, u64>,
     /// A file's bytes.
     data: Vec<u8>,
 }
@@ -37,325 +32,196 @@ struct Floor {
     next: u64,
 }
 
+fn now() -> Stamp {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
 impl Floor {
     fn new() -> Floor {
-        let root = Node { attr: attr(1, FileType::Directory, 0o755, 0, 0), entries: BTreeMap::new(), data: Vec::new() };
+        let root = Node { attr: attr(1, Kind::Dir, 0o755, 0, 0), entries: BTreeMap::new(), data: Vec::new() };
         Floor { nodes: HashMap::from([(1, root)]), next: 2 }
     }
 
-    fn dir(&mut self, ino: INodeNo) -> Result<&mut Node, Errno> {
-        match self.nodes.get_mut(&ino.0) {
-            Some(n) if n.attr.kind == FileType::Directory => Ok(n),
-            Some(_) => Err(Errno::ENOTDIR),
-            None => Err(Errno::ENOENT),
+    fn dir(&mut self, ino: u64) -> Result<&mut Node, i32> {
+        match self.nodes.get_mut(&ino) {
+            Some(n) if n.attr.kind == Kind::Dir => Ok(n),
+            Some(_) => Err(libc::ENOTDIR),
+            None => Err(libc::ENOENT),
         }
     }
 
-    fn node(&mut self, ino: INodeNo) -> Result<&mut Node, Errno> {
-        self.nodes.get_mut(&ino.0).ok_or(Errno::ENOENT)
+    fn node(&mut self, ino: u64) -> Result<&mut Node, i32> {
+        self.nodes.get_mut(&ino).ok_or(libc::ENOENT)
     }
 
     /// Makes `name` in `parent`: its attributes.
-    fn make(
-        &mut self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        kind: FileType,
-        perm: u32,
-    ) -> Result<FileAttr, Errno> {
+    fn make(&mut self, h: &Header, name: &[u8], kind: Kind, perm: u32) -> Result<FileAttr, i32> {
         if name.len() > 255 {
-            return Err(Errno::ENAMETOOLONG);
+            return Err(libc::ENAMETOOLONG);
         }
         let ino = self.next;
-        let dir = self.dir(parent)?;
+        let dir = self.dir(h.nodeid)?;
         if dir.entries.contains_key(name) {
-            return Err(Errno::EEXIST);
+            return Err(libc::EEXIST);
         }
         dir.entries.insert(name.to_owned(), ino);
-        let now = SystemTime::now();
-        (dir.attr.mtime, dir.attr.ctime) = (now, now);
-        if kind == FileType::Directory {
+        (dir.attr.mtime, dir.attr.ctime) = (now(), now());
+        if kind == Kind::Dir {
             dir.attr.nlink += 1;
         }
         self.next += 1;
-        let a = attr(ino, kind, perm, req.uid(), req.gid());
+        let a = attr(ino, kind, perm, h.uid, h.gid);
         self.nodes.insert(ino, Node { attr: a, entries: BTreeMap::new(), data: Vec::new() });
         Ok(a)
     }
 
     /// Removes `name` from `parent`, a directory if `dir` (which must be empty).
-    fn remove(&mut self, parent: INodeNo, name: &OsStr, dir: bool) -> Result<(), Errno> {
-        let ino = *self.dir(parent)?.entries.get(name).ok_or(Errno::ENOENT)?;
+    fn remove(&mut self, parent: u64, name: &[u8], dir: bool) -> Result<(), i32> {
+        let ino = *self.dir(parent)?.entries.get(name).ok_or(libc::ENOENT)?;
         let node = &self.nodes[&ino];
-        match (dir, node.attr.kind == FileType::Directory) {
-            (true, false) => return Err(Errno::ENOTDIR),
-            (false, true) => return Err(Errno::EISDIR),
-            (true, true) if !node.entries.is_empty() => return Err(Errno::ENOTEMPTY),
+        match (dir, node.attr.kind == Kind::Dir) {
+            (true, false) => return Err(libc::ENOTDIR),
+            (false, true) => return Err(libc::EISDIR),
+            (true, true) if !node.entries.is_empty() => return Err(libc::ENOTEMPTY),
             _ => {}
         }
         self.nodes.remove(&ino);
         let p = self.dir(parent)?;
         p.entries.remove(name);
-        let now = SystemTime::now();
-        (p.attr.mtime, p.attr.ctime) = (now, now);
+        (p.attr.mtime, p.attr.ctime) = (now(), now());
         if dir {
             p.attr.nlink -= 1;
         }
         Ok(())
     }
-}
 
-fn attr(ino: u64, kind: FileType, perm: u32, uid: u32, gid: u32) -> FileAttr {
-    let now = SystemTime::now();
-    FileAttr {
-        ino: INodeNo(ino),
-        size: 0,
-        blocks: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        crtime: now,
-        kind,
-        perm: perm as u16,
-        nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid,
-        gid,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn time(t: TimeOrNow) -> SystemTime {
-    match t {
-        TimeOrNow::SpecificTime(t) => t,
-        TimeOrNow::Now => SystemTime::now(),
-    }
-}
-
-struct FloorFs(Mutex<Floor>);
-
-impl FloorFs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Floor> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Filesystem for FloorFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(clients::fuse::MAX_WRITE);
-        let _ = config.set_max_readahead(clients::fuse::MAX_WRITE);
-        for flag in [
-            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
-            fuser::InitFlags::FUSE_POSIX_ACL,
-            fuser::InitFlags::FUSE_ASYNC_DIO,
-            fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
-        ] {
-            let _ = config.add_capabilities(flag);
+    fn setattr(&mut self, ino: u64, s: &clients::fuse::proto::SetattrIn) -> Result<FileAttr, i32> {
+        let n = self.node(ino)?;
+        if let Some(m) = s.get(fattr::MODE, s.mode) {
+            n.attr.perm = m & 0o7777;
         }
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let mut f = self.lock();
-        let found = f.dir(parent).and_then(|d| d.entries.get(name).copied().ok_or(Errno::ENOENT));
-        match found {
-            Ok(ino) => reply.entry(&TTL, &f.nodes[&ino].attr, Generation(0)),
-            Err(e) => reply.error(e),
+        n.attr.uid = s.get(fattr::UID, s.uid).unwrap_or(n.attr.uid);
+        n.attr.gid = s.get(fattr::GID, s.gid).unwrap_or(n.attr.gid);
+        if let Some(size) = s.get(fattr::SIZE, s.size) {
+            n.data.resize(size as usize, 0);
+            n.attr.size = size;
+            n.attr.mtime = now();
         }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.lock().node(ino) {
-            Ok(n) => reply.attr(&TTL, &n.attr),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let mut f = self.lock();
-        let n = match f.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let time = |now_bit, bit, t, old| match (s.valid & now_bit != 0, s.valid & bit != 0) {
+            (true, _) => now(),
+            (false, true) => t,
+            (false, false) => old,
         };
-        if let Some(m) = mode {
-            n.attr.perm = (m & 0o7777) as u16;
-        }
-        n.attr.uid = uid.unwrap_or(n.attr.uid);
-        n.attr.gid = gid.unwrap_or(n.attr.gid);
-        if let Some(s) = size {
-            n.data.resize(s as usize, 0);
-            n.attr.size = s;
-            n.attr.mtime = SystemTime::now();
-        }
-        n.attr.atime = atime.map_or(n.attr.atime, time);
-        n.attr.mtime = mtime.map_or(n.attr.mtime, time);
-        n.attr.ctime = SystemTime::now();
-        reply.attr(&TTL, &n.attr)
+        n.attr.atime = time(fattr::ATIME_NOW, fattr::ATIME, s.atime, n.attr.atime);
+        n.attr.mtime = time(fattr::MTIME_NOW, fattr::MTIME, s.mtime, n.attr.mtime);
+        n.attr.ctime = now();
+        Ok(n.attr)
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        match self.lock().make(req, parent, name, FileType::Directory, mode & !umask & 0o7777) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+    fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let n = self.node(ino)?;
+        let start = (offset as usize).min(n.data.len());
+        let end = (start + size as usize).min(n.data.len());
+        Ok(n.data[start..end].to_vec())
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.lock().remove(parent, name, false) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.lock().remove(parent, name, true) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.lock().node(ino) {
-            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        match self.lock().make(req, parent, name, FileType::RegularFile, mode & !umask & 0o7777) {
-            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), OPEN_FLAGS),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyData,
-    ) {
-        let mut f = self.lock();
-        match f.node(ino) {
-            Ok(n) => {
-                let start = (offset as usize).min(n.data.len());
-                let end = (start + size as usize).min(n.data.len());
-                reply.data(&n.data[start..end])
-            }
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let mut f = self.lock();
-        let n = match f.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+        let n = self.node(ino)?;
         let end = offset as usize + data.len();
         if n.data.len() < end {
             n.data.resize(end, 0);
         }
         n.data[offset as usize..end].copy_from_slice(data);
         n.attr.size = n.data.len() as u64;
-        n.attr.blocks = n.attr.size.div_ceil(512);
-        n.attr.mtime = SystemTime::now();
+        n.attr.mtime = now();
         n.attr.ctime = n.attr.mtime;
-        reply.written(data.len() as u32)
+        Ok(data.len() as u32)
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok()
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok()
-    }
-
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok()
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let mut f = self.lock();
-        let entries: Vec<(OsString, u64)> = match f.dir(ino) {
-            Ok(d) => d.entries.iter().map(|(name, &ino)| (name.clone(), ino)).collect(),
-            Err(e) => return reply.error(e),
-        };
+    /// A listing from `offset`, as many entries as fit in `size` bytes.
+    fn readdir(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let entries: Vec<(Vec<u8>, u64)> = self.dir(ino)?.entries.iter().map(|(n, &i)| (n.clone(), i)).collect();
         // Offsets are positions in the (sorted) listing, "." and ".." first.
-        let dots = [(OsString::from("."), ino.0), (OsString::from(".."), ino.0)];
+        let dots = [(b".".to_vec(), ino), (b"..".to_vec(), ino)];
+        let mut out = Vec::new();
         for (i, (name, child)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-            let kind = f.nodes.get(&child).map_or(FileType::RegularFile, |n| n.attr.kind);
-            if reply.add(INodeNo(child), i as u64 + 1, kind, &name) {
+            let kind = self.nodes.get(&child).map_or(Kind::File, |n| n.attr.kind);
+            if !clients::fuse::proto::put_dirent(&mut out, size as usize, child, i as u64 + 1, kind, &name, None) {
                 break;
             }
         }
-        reply.ok()
+        Ok(out)
+    }
+}
+
+fn attr(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> FileAttr {
+    let t = now();
+    let nlink = if kind == Kind::Dir { 2 } else { 1 };
+    FileAttr { ino, size: 0, atime: t, mtime: t, ctime: t, kind, perm, nlink, uid, gid, rdev: 0 }
+}
+
+struct FloorFs(Mutex<Floor>);
+
+fn answer<T>(reply: Reply, r: Result<T, i32>, ok: impl FnOnce(Reply, T)) {
+    match r {
+        Ok(v) => ok(reply, v),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl Handler for FloorFs {
+    fn flags(&self) -> u64 {
+        init::PARALLEL_DIROPS | init::POSIX_ACL | init::ASYNC_DIO | init::HANDLE_KILLPRIV_V2
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let files = self.lock().nodes.len() as u64;
-        reply.statfs(1 << 24, 1 << 23, 1 << 23, files + (1 << 20), 1 << 20, 4096, 255, 4096)
-    }
-
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENODATA)
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    fn dispatch(&self, h: &Header, op: Op<'_>, reply: Reply) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ino = h.nodeid;
+        let entry = |reply: Reply, a: FileAttr| reply.entry(&a, 0);
+        match op {
+            Op::Lookup { name } => {
+                let found = f.dir(ino).and_then(|d| d.entries.get(name).copied().ok_or(libc::ENOENT));
+                answer(reply, found.map(|i| f.nodes[&i].attr), entry)
+            }
+            Op::Getattr => answer(reply, f.node(ino).map(|n| n.attr), |r, a| r.attr(&a)),
+            Op::Setattr(s) => answer(reply, f.setattr(ino, &s), |r, a| r.attr(&a)),
+            Op::Mkdir { name, mode, umask } => answer(reply, f.make(h, name, Kind::Dir, mode & !umask & 0o7777), entry),
+            Op::Unlink { name } => answer(reply, f.remove(ino, name, false), |r, ()| r.ok()),
+            Op::Rmdir { name } => answer(reply, f.remove(ino, name, true), |r, ()| r.ok()),
+            Op::Open { .. } => answer(reply, f.node(ino).map(|_| ()), |r, ()| r.opened(0, OPEN_FLAGS)),
+            Op::Create { name, mode, umask, .. } => {
+                answer(reply, f.make(h, name, Kind::File, mode & !umask & 0o7777), |r, a| {
+                    r.created(&a, 0, 0, OPEN_FLAGS)
+                })
+            }
+            Op::Read { offset, size, .. } => answer(reply, f.read(ino, offset, size), |r, d| r.data(&d)),
+            Op::Write { offset, data, .. } => answer(reply, f.write(ino, offset, data), |r, n| r.written(n)),
+            Op::Readdir { offset, size, plus: false } => answer(reply, f.readdir(ino, offset, size), |r, d| r.data(&d)),
+            Op::Statfs => {
+                let files = f.nodes.len() as u64;
+                let s = Statfs {
+                    blocks: 1 << 24,
+                    bfree: 1 << 23,
+                    bavail: 1 << 23,
+                    files: files + (1 << 20),
+                    ffree: 1 << 20,
+                    bsize: 4096,
+                    namelen: 255,
+                    frsize: 4096,
+                };
+                reply.statfs(&s)
+            }
+            Op::Getxattr { .. } => reply.error(libc::ENODATA),
+            Op::Listxattr { size: 0 } => reply.xattr_size(0),
+            Op::Listxattr { .. } => reply.data(&[]),
+            Op::Opendir => reply.opened(0, 0),
+            Op::Flush { .. } | Op::Release { .. } | Op::Releasedir | Op::Fsync { .. } | Op::Fsyncdir | Op::Destroy => {
+                reply.ok()
+            }
+            Op::Forget { .. } | Op::BatchForget { .. } | Op::Interrupt { .. } => {}
+            _ => reply.error(libc::ENOSYS),
+        }
     }
 }
 
@@ -364,9 +230,10 @@ fn main() {
         eprintln!("usage: fuse_floor MOUNTPOINT (runs until it is unmounted)");
         std::process::exit(2);
     };
-    let fs = FloorFs(Mutex::new(Floor::new()));
-    if let Err(e) = fuser::mount(fs, &mountpoint, &clients::fuse::mount_config()) {
-        eprintln!("fuse_floor: {}: {e}", mountpoint.to_string_lossy());
+    let fs = Arc::new(FloorFs(Mutex::new(Floor::new())));
+    let path = std::path::Path::new(&mountpoint);
+    if let Err(e) = Session::mount(path, fs, &MountOptions::default()).and_then(Session::join) {
+        eprintln!("fuse_floor: {}: {e}", path.display());
         std::process::exit(1);
     }
 }

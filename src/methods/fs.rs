@@ -32,6 +32,11 @@ pub struct MountParams {
     /// faster buffered writes; see docs/fs.md for what it changes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub writeback_cache: bool,
+    /// Serve requests over /dev/fuse only, even where the kernel offers
+    /// per-CPU io_uring queues (Linux 6.14+ with the `fuse` module's
+    /// `enable_uring` on; docs/fs.md, "Transports").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dev_fuse_only: bool,
     /// Master key of encrypted data: a file of 32 raw bytes or 64 hex
     /// digits. The first key a file system is given is the one it keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +117,7 @@ struct Mount {
     params: MountParams,
     fs: Arc<FileSystem>,
     /// Unmounts when dropped.
-    session: fuser::BackgroundSession,
+    session: clients::fuse::Session,
 }
 
 /// Mounted file systems, and the runtime their requests run on.
@@ -446,9 +451,9 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
                     let _runtime = rt.enter();
                     fs.start_gc();
                 }
-                let fuse = clients::fuse::Fuse::new(fs.clone(), rt.handle().clone(), p.writeback_cache);
-                let config = clients::fuse::mount_config();
-                let session = fuser::spawn_mount(fuse, &path, &config).map_err(|e| {
+                let fuse = Arc::new(clients::fuse::Fuse::new(fs.clone(), rt.handle().clone(), p.writeback_cache));
+                let opts = clients::fuse::MountOptions { ring: !p.dev_fuse_only, ..Default::default() };
+                let session = clients::fuse::Session::mount(&path, fuse, &opts).map_err(|e| {
                     RpcError::errno(e.raw_os_error().unwrap_or(libc::EIO), format!("mounting {}: {e}", path.display()))
                 })?;
                 clients::fuse::tune(&path);
@@ -492,11 +497,14 @@ pub fn register(m: &mut Methods, app: &Arc<App>) {
         },
     );
     let a = app.clone();
-    m.add("fs_get_mounts", "Mounted file systems: mount point and bdev.", Allowed::Always, move |_: Value| {
+    m.add("fs_get_mounts", "Mounted file systems: mount point, bdev, and how FUSE requests arrive (`fuse_transport`: `io_uring` or `/dev/fuse`).", Allowed::Always, move |_: Value| {
         let mounts: Vec<Value> =
             a.fs.lock()
                 .iter()
-                .map(|(path, m)| json!({ "mountpoint": path, "bdev_name": m.params.bdev_name }))
+                .map(|(path, m)| {
+                    let transport = if m.session.ring() { "io_uring" } else { "/dev/fuse" };
+                    json!({ "mountpoint": path, "bdev_name": m.params.bdev_name, "fuse_transport": transport })
+                })
                 .collect();
         async move { Ok(mounts) }
     });
