@@ -58,7 +58,7 @@ pub const MAX_WRITE: u32 = 1 << 20;
 ///   file system's writeback error goes: to the next `fsync` of a handle
 ///   not yet told of it (docs/fs.md, "Write-behind"). With the writeback
 ///   cache the kernel ignores the flag and flushes on every close
-///   ([`Fuse::flush`]).
+///   (`Op::Flush` in [`Fuse`]'s [`Handler::dispatch`]).
 pub const OPEN_FLAGS: u32 = fopen::PARALLEL_DIRECT_WRITES | fopen::NOFLUSH;
 
 /// Share of the system's dirty-page limit the mount may hold, in percent.

@@ -10,7 +10,8 @@
 //!   CPU its caller runs on, and one thread per CPU, pinned there, serves
 //!   that queue. The caller sleeps, the queue's thread runs on the same CPU,
 //!   answers and commits the reply with the same system call that fetches
-//!   the next request. Forgets and interrupts still arrive on `/dev/fuse`.
+//!   the next request. Forgets and interrupts still arrive on `/dev/fuse`,
+//!   whose readers stay.
 //!
 //! A reply made on another thread (by a reactor, or a task) goes back to
 //! the queue's thread, which commits it: one ring has one submitter.
@@ -50,7 +51,7 @@ const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 pub struct MountOptions {
     /// The mount's source in the mount table, and its subtype (`fuse.NAME`).
     pub name: String,
-    /// Threads reading `/dev/fuse` when requests come that way.
+    /// Threads reading `/dev/fuse`.
     pub threads: usize,
     /// Serve requests over io_uring where the kernel offers it.
     pub ring: bool,
@@ -97,8 +98,11 @@ impl Session {
             }
         };
         let mut threads = Vec::new();
-        // With the ring, /dev/fuse carries only forgets and interrupts.
-        for i in 0..if ring { 1 } else { opts.threads.max(1) } {
+        // With the ring, /dev/fuse carries only forgets and interrupts, but
+        // everything until the ring is ready, and everything if it never is
+        // (a queue whose entries the kernel refused logs why): the readers
+        // stay, blocked in read(2) meanwhile.
+        for i in 0..opts.threads.max(1) {
             let (dev, handler) = (dev.clone(), handler.clone());
             threads
                 .push(std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || serve_dev(&dev, &*handler))?);
