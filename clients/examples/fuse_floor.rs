@@ -16,11 +16,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use clients::fuse::proto::{FileAttr, Header, Kind, Op, Stamp, Statfs, fattr, init};
+use blobfs::fs::{Attr, FileKind, Time};
+use clients::fuse::proto::{Header, Op, Statfs, fattr, init};
 use clients::fuse::{Handler, MountOptions, OPEN_FLAGS, Reply, Session};
 
 struct Node {
-    attr: FileAttr,
+    attr: Attr,
     /// A directory's entries.
     entries: BTreeMap<Vec<u8>, u64>,
     /// A file's bytes.
@@ -32,20 +33,15 @@ struct Floor {
     next: u64,
 }
 
-fn now() -> Stamp {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs() as i64, d.subsec_nanos())
-}
-
 impl Floor {
     fn new() -> Floor {
-        let root = Node { attr: attr(1, Kind::Dir, 0o755, 0, 0), entries: BTreeMap::new(), data: Vec::new() };
+        let root = Node { attr: attr(1, FileKind::Dir, 0o755, 0, 0), entries: BTreeMap::new(), data: Vec::new() };
         Floor { nodes: HashMap::from([(1, root)]), next: 2 }
     }
 
     fn dir(&mut self, ino: u64) -> Result<&mut Node, i32> {
         match self.nodes.get_mut(&ino) {
-            Some(n) if n.attr.kind == Kind::Dir => Ok(n),
+            Some(n) if n.attr.kind == FileKind::Dir => Ok(n),
             Some(_) => Err(libc::ENOTDIR),
             None => Err(libc::ENOENT),
         }
@@ -56,7 +52,7 @@ impl Floor {
     }
 
     /// Makes `name` in `parent`: its attributes.
-    fn make(&mut self, h: &Header, name: &[u8], kind: Kind, perm: u32) -> Result<FileAttr, i32> {
+    fn make(&mut self, h: &Header, name: &[u8], kind: FileKind, perm: u32) -> Result<Attr, i32> {
         if name.len() > 255 {
             return Err(libc::ENAMETOOLONG);
         }
@@ -66,13 +62,13 @@ impl Floor {
             return Err(libc::EEXIST);
         }
         dir.entries.insert(name.to_owned(), ino);
-        (dir.attr.mtime, dir.attr.ctime) = (now(), now());
-        if kind == Kind::Dir {
+        (dir.attr.mtime, dir.attr.ctime) = (Time::now(), Time::now());
+        if kind == FileKind::Dir {
             dir.attr.nlink += 1;
         }
         self.next += 1;
         let a = attr(ino, kind, perm, h.uid, h.gid);
-        self.nodes.insert(ino, Node { attr: a, entries: BTreeMap::new(), data: Vec::new() });
+        self.nodes.insert(ino, Node { attr: a.clone(), entries: BTreeMap::new(), data: Vec::new() });
         Ok(a)
     }
 
@@ -80,7 +76,7 @@ impl Floor {
     fn remove(&mut self, parent: u64, name: &[u8], dir: bool) -> Result<(), i32> {
         let ino = *self.dir(parent)?.entries.get(name).ok_or(libc::ENOENT)?;
         let node = &self.nodes[&ino];
-        match (dir, node.attr.kind == Kind::Dir) {
+        match (dir, node.attr.kind == FileKind::Dir) {
             (true, false) => return Err(libc::ENOTDIR),
             (false, true) => return Err(libc::EISDIR),
             (true, true) if !node.entries.is_empty() => return Err(libc::ENOTEMPTY),
@@ -89,14 +85,14 @@ impl Floor {
         self.nodes.remove(&ino);
         let p = self.dir(parent)?;
         p.entries.remove(name);
-        (p.attr.mtime, p.attr.ctime) = (now(), now());
+        (p.attr.mtime, p.attr.ctime) = (Time::now(), Time::now());
         if dir {
             p.attr.nlink -= 1;
         }
         Ok(())
     }
 
-    fn setattr(&mut self, ino: u64, s: &clients::fuse::proto::SetattrIn) -> Result<FileAttr, i32> {
+    fn setattr(&mut self, ino: u64, s: &clients::fuse::proto::SetattrIn) -> Result<Attr, i32> {
         let n = self.node(ino)?;
         if let Some(m) = s.get(fattr::MODE, s.mode) {
             n.attr.perm = m & 0o7777;
@@ -106,17 +102,17 @@ impl Floor {
         if let Some(size) = s.get(fattr::SIZE, s.size) {
             n.data.resize(size as usize, 0);
             n.attr.size = size;
-            n.attr.mtime = now();
+            n.attr.mtime = Time::now();
         }
         let time = |now_bit, bit, t, old| match (s.valid & now_bit != 0, s.valid & bit != 0) {
-            (true, _) => now(),
+            (true, _) => Time::now(),
             (false, true) => t,
             (false, false) => old,
         };
         n.attr.atime = time(fattr::ATIME_NOW, fattr::ATIME, s.atime, n.attr.atime);
         n.attr.mtime = time(fattr::MTIME_NOW, fattr::MTIME, s.mtime, n.attr.mtime);
-        n.attr.ctime = now();
-        Ok(n.attr)
+        n.attr.ctime = Time::now();
+        Ok(n.attr.clone())
     }
 
     fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
@@ -134,7 +130,7 @@ impl Floor {
         }
         n.data[offset as usize..end].copy_from_slice(data);
         n.attr.size = n.data.len() as u64;
-        n.attr.mtime = now();
+        n.attr.mtime = Time::now();
         n.attr.ctime = n.attr.mtime;
         Ok(data.len() as u32)
     }
@@ -146,7 +142,7 @@ impl Floor {
         let dots = [(b".".to_vec(), ino), (b"..".to_vec(), ino)];
         let mut out = Vec::new();
         for (i, (name, child)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-            let kind = self.nodes.get(&child).map_or(Kind::File, |n| n.attr.kind);
+            let kind = self.nodes.get(&child).map_or(FileKind::File, |n| n.attr.kind);
             if !clients::fuse::proto::put_dirent(&mut out, size as usize, child, i as u64 + 1, kind, &name, None) {
                 break;
             }
@@ -155,10 +151,10 @@ impl Floor {
     }
 }
 
-fn attr(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> FileAttr {
-    let t = now();
-    let nlink = if kind == Kind::Dir { 2 } else { 1 };
-    FileAttr { ino, size: 0, atime: t, mtime: t, ctime: t, kind, perm, nlink, uid, gid, rdev: 0 }
+fn attr(ino: u64, kind: FileKind, perm: u32, uid: u32, gid: u32) -> Attr {
+    let t = Time::now();
+    let nlink = if kind == FileKind::Dir { 2 } else { 1 };
+    Attr { ino, kind, perm, uid, gid, size: 0, nlink, atime: t, mtime: t, ctime: t, btime: t, rdev: 0, generation: 0 }
 }
 
 struct FloorFs(Mutex<Floor>);
@@ -178,21 +174,23 @@ impl Handler for FloorFs {
     fn dispatch(&self, h: &Header, op: Op<'_>, reply: Reply) {
         let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let ino = h.nodeid;
-        let entry = |reply: Reply, a: FileAttr| reply.entry(&a, 0);
+        let entry = |reply: Reply, a: Attr| reply.entry(&a);
         match op {
             Op::Lookup { name } => {
                 let found = f.dir(ino).and_then(|d| d.entries.get(name).copied().ok_or(libc::ENOENT));
-                answer(reply, found.map(|i| f.nodes[&i].attr), entry)
+                answer(reply, found.map(|i| f.nodes[&i].attr.clone()), entry)
             }
-            Op::Getattr => answer(reply, f.node(ino).map(|n| n.attr), |r, a| r.attr(&a)),
+            Op::Getattr => answer(reply, f.node(ino).map(|n| n.attr.clone()), |r, a| r.attr(&a)),
             Op::Setattr(s) => answer(reply, f.setattr(ino, &s), |r, a| r.attr(&a)),
-            Op::Mkdir { name, mode, umask } => answer(reply, f.make(h, name, Kind::Dir, mode & !umask & 0o7777), entry),
+            Op::Mkdir { name, mode, umask } => {
+                answer(reply, f.make(h, name, FileKind::Dir, mode & !umask & 0o7777), entry)
+            }
             Op::Unlink { name } => answer(reply, f.remove(ino, name, false), |r, ()| r.ok()),
             Op::Rmdir { name } => answer(reply, f.remove(ino, name, true), |r, ()| r.ok()),
             Op::Open { .. } => answer(reply, f.node(ino).map(|_| ()), |r, ()| r.opened(0, OPEN_FLAGS)),
             Op::Create { name, mode, umask, .. } => {
-                answer(reply, f.make(h, name, Kind::File, mode & !umask & 0o7777), |r, a| {
-                    r.created(&a, 0, 0, OPEN_FLAGS)
+                answer(reply, f.make(h, name, FileKind::File, mode & !umask & 0o7777), |r, a| {
+                    r.created(&a, 0, OPEN_FLAGS)
                 })
             }
             Op::Read { offset, size, .. } => answer(reply, f.read(ino, offset, size), |r, d| r.data(&d)),

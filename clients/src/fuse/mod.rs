@@ -39,7 +39,7 @@ use std::time::Duration;
 use blobfs::fs::{
     Attr, Cmd, Creator, DropPrivs, Errno, FileKind, FileSystem, RenameMode, Reply as FsReply, SetAttr, Time, XattrMode,
 };
-use proto::{Header, Kind, Op, fattr, fopen, init};
+use proto::{Header, Op, fattr, fopen, init};
 pub use session::{Handler, MountOptions, Reply, Session};
 
 /// How long the kernel may cache attributes and entries.
@@ -138,42 +138,6 @@ fn now() -> Time {
     Time::now()
 }
 
-fn stamp(t: Time) -> proto::Stamp {
-    t.split()
-}
-
-fn time_of((secs, nanos): proto::Stamp) -> Time {
-    Time::from_parts(secs, nanos)
-}
-
-fn kind(k: FileKind) -> Kind {
-    match k {
-        FileKind::File => Kind::File,
-        FileKind::Dir => Kind::Dir,
-        FileKind::Symlink => Kind::Symlink,
-        FileKind::Fifo => Kind::Fifo,
-        FileKind::Socket => Kind::Socket,
-        FileKind::CharDev => Kind::CharDev,
-        FileKind::BlockDev => Kind::BlockDev,
-    }
-}
-
-fn file_attr(a: &Attr) -> proto::FileAttr {
-    proto::FileAttr {
-        ino: a.ino,
-        size: a.size,
-        atime: stamp(a.atime),
-        mtime: stamp(a.mtime),
-        ctime: stamp(a.ctime),
-        kind: kind(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-    }
-}
-
 fn creator(h: &Header) -> Creator {
     Creator { uid: h.uid, gid: h.gid, now: now() }
 }
@@ -186,7 +150,7 @@ fn reply_entry(fs: &FileSystem, reply: Reply, r: Result<FsReply, Errno>, counted
             if !counted {
                 fs.looked_up(a.ino);
             }
-            reply.entry(&file_attr(&a), a.generation)
+            reply.entry(&a)
         }
         Ok(other) => {
             tracing::error!("fuse: an entry was expected, the file system replied {other:?}");
@@ -205,15 +169,14 @@ fn reply_dir(fs: &FileSystem, reply: Reply, entries: Vec<blobfs::fs::DirEntry>, 
     };
     let mut out = Vec::with_capacity(size as usize);
     for (i, e) in entries.iter().enumerate() {
-        let a = match plus {
+        let with = match plus {
             true => match &attrs[i] {
-                Some(a) => Some((file_attr(a), a.generation)),
+                Some(a) => Some((a, TTL)),
                 None => continue,
             },
             false => None,
         };
-        let with = a.as_ref().map(|(a, generation)| (a, *generation, TTL));
-        if !proto::put_dirent(&mut out, size as usize, e.ino, e.cookie, kind(e.kind), &e.name, with) {
+        if !proto::put_dirent(&mut out, size as usize, e.ino, e.cookie, e.kind, &e.name, with) {
             break;
         }
         // The kernel takes a lookup of every entry of a readdirplus but `.`
@@ -431,7 +394,7 @@ impl Fuse {
             }
             Ok(a) => {
                 self.fs.looked_up(a.ino);
-                reply.entry(&file_attr(&a), a.generation)
+                reply.entry(&a)
             }
             Err(e) => reply.error(e.0),
         }
@@ -451,13 +414,13 @@ impl Fuse {
         if self.fs.writing(ino) {
             return self.spawn(move |fs| async move {
                 match fs.settled_attr(ino).await {
-                    Ok(a) => reply.attr(&file_attr(&a)),
+                    Ok(a) => reply.attr(&a),
                     Err(e) => reply.error(e.0),
                 }
             });
         }
         match self.fs.meta().read(|s| s.getattr(ino)) {
-            Ok(a) => reply.attr(&file_attr(&a)),
+            Ok(a) => reply.attr(&a),
             Err(e) => reply.error(e.0),
         }
     }
@@ -467,7 +430,7 @@ impl Fuse {
         self.fs.created(ino);
         let time = |now_bit, bit, t| match (s.valid & now_bit != 0, s.valid & bit != 0) {
             (true, _) => Some(now()),
-            (false, true) => Some(time_of(t)),
+            (false, true) => Some(t),
             (false, false) => None,
         };
         let set = SetAttr {
@@ -492,7 +455,7 @@ impl Fuse {
         };
         self.spawn_meta(move |fs| async move {
             match fs.setattr(ino, set, drop, now()).await {
-                Ok(a) => reply.attr(&file_attr(&a)),
+                Ok(a) => reply.attr(&a),
                 Err(e) => reply.error(e.0),
             }
         });
@@ -534,7 +497,7 @@ impl Fuse {
         let created = |fs: &FileSystem, a: Attr, reply: Reply| {
             fs.looked_up(a.ino);
             let fh = fs.opened(a.ino);
-            reply.created(&file_attr(&a), a.generation, fh, OPEN_FLAGS);
+            reply.created(&a, fh, OPEN_FLAGS);
         };
         // Answered here if it cannot fail; it applies behind.
         if let Some(a) = self.fs.create_ahead(parent, name, perm, by) {

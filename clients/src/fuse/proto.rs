@@ -7,6 +7,9 @@
 //! out header and a body. All integers are in the host's byte order.
 
 use std::fmt;
+use std::time::Duration;
+
+use blobfs::fs::{Attr, FileKind, Time};
 
 /// The protocol version spoken: the kernel adapts to it.
 pub const MAJOR: u32 = 7;
@@ -199,17 +202,14 @@ pub fn op_header_len(opcode: u32) -> usize {
     }
 }
 
-/// A time as the kernel sends and takes it: seconds (signed) and nanoseconds.
-pub type Stamp = (i64, u32);
-
 /// What a SETATTR changes: the fields whose [`fattr`] bit is set in `valid`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct SetattrIn {
     pub valid: u32,
     pub size: u64,
-    pub atime: Stamp,
-    pub mtime: Stamp,
+    pub atime: Time,
+    pub mtime: Time,
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -382,8 +382,8 @@ impl<'a> Op<'a> {
                 Op::Setattr(SetattrIn {
                     valid,
                     size,
-                    atime: (atime as i64, atimensec),
-                    mtime: (mtime as i64, mtimensec),
+                    atime: Time::from_parts(atime as i64, atimensec),
+                    mtime: Time::from_parts(mtime as i64, mtimensec),
                     mode,
                     uid,
                     gid,
@@ -465,52 +465,6 @@ pub fn forgets(items: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
-/// File types, as the mode's `S_IFMT` bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDev,
-    BlockDev,
-}
-
-impl Kind {
-    /// The `S_IFMT` bits.
-    pub fn mode_bits(self) -> u32 {
-        match self {
-            Kind::File => libc::S_IFREG,
-            Kind::Dir => libc::S_IFDIR,
-            Kind::Symlink => libc::S_IFLNK,
-            Kind::Fifo => libc::S_IFIFO,
-            Kind::Socket => libc::S_IFSOCK,
-            Kind::CharDev => libc::S_IFCHR,
-            Kind::BlockDev => libc::S_IFBLK,
-        }
-    }
-}
-
-/// An inode's attributes as the kernel takes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct FileAttr {
-    pub ino: u64,
-    pub size: u64,
-    pub atime: Stamp,
-    pub mtime: Stamp,
-    pub ctime: Stamp,
-    pub kind: Kind,
-    /// Permission bits (07777).
-    pub perm: u32,
-    pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-}
-
 /// Bytes of `fuse_attr`.
 const ATTR: usize = 88;
 /// Bytes of `fuse_entry_out`.
@@ -530,24 +484,25 @@ impl Out<'_> {
     }
 }
 
-fn put_attr(o: &mut Out<'_>, a: &FileAttr) {
+fn put_attr(o: &mut Out<'_>, a: &Attr) {
+    let (atime, mtime, ctime) = (a.atime.split(), a.mtime.split(), a.ctime.split());
     o.u64(a.ino).u64(a.size).u64(a.size.div_ceil(512));
-    o.u64(a.atime.0 as u64).u64(a.mtime.0 as u64).u64(a.ctime.0 as u64);
-    o.u32(a.atime.1).u32(a.mtime.1).u32(a.ctime.1);
+    o.u64(atime.0 as u64).u64(mtime.0 as u64).u64(ctime.0 as u64);
+    o.u32(atime.1).u32(mtime.1).u32(ctime.1);
     o.u32(a.kind.mode_bits() | (a.perm & 0o7777)).u32(a.nlink).u32(a.uid).u32(a.gid).u32(a.rdev);
     o.u32(4096).u32(0);
 }
 
-/// `fuse_entry_out`: `a` with its generation, valid for `ttl`.
-pub fn put_entry(v: &mut Vec<u8>, a: &FileAttr, generation: u64, ttl: std::time::Duration) {
+/// `fuse_entry_out`: `a`, valid for `ttl`.
+pub fn put_entry(v: &mut Vec<u8>, a: &Attr, ttl: Duration) {
     let o = &mut Out(v);
-    o.u64(a.ino).u64(generation).u64(ttl.as_secs()).u64(ttl.as_secs());
+    o.u64(a.ino).u64(a.generation).u64(ttl.as_secs()).u64(ttl.as_secs());
     o.u32(ttl.subsec_nanos()).u32(ttl.subsec_nanos());
     put_attr(o, a);
 }
 
 /// `fuse_attr_out`.
-pub fn put_attr_out(v: &mut Vec<u8>, a: &FileAttr, ttl: std::time::Duration) {
+pub fn put_attr_out(v: &mut Vec<u8>, a: &Attr, ttl: Duration) {
     let o = &mut Out(v);
     o.u64(ttl.as_secs()).u32(ttl.subsec_nanos()).u32(0);
     put_attr(o, a);
@@ -600,17 +555,17 @@ pub fn put_dirent(
     max: usize,
     ino: u64,
     cookie: u64,
-    kind: Kind,
+    kind: FileKind,
     name: &[u8],
-    plus: Option<(&FileAttr, u64, std::time::Duration)>,
+    plus: Option<(&Attr, Duration)>,
 ) -> bool {
     let dirent = (24 + name.len()).next_multiple_of(8);
     let len = dirent + if plus.is_some() { ENTRY_OUT } else { 0 };
     if v.len() + len > max {
         return false;
     }
-    if let Some((a, generation, ttl)) = plus {
-        put_entry(v, a, generation, ttl);
+    if let Some((a, ttl)) = plus {
+        put_entry(v, a, ttl);
     }
     Out(v).u64(ino).u64(cookie).u32(name.len() as u32).u32(kind.mode_bits() >> 12);
     v.extend_from_slice(name);
@@ -724,22 +679,24 @@ mod tests {
 
     #[test]
     fn replies_have_the_kernels_sizes_and_dirents_stop_at_the_limit() {
-        let a = FileAttr {
+        let a = Attr {
             ino: 2,
-            size: 1000,
-            atime: (-1, 5),
-            mtime: (0, 0),
-            ctime: (0, 0),
-            kind: Kind::File,
+            kind: FileKind::File,
             perm: 0o644,
-            nlink: 1,
             uid: 0,
             gid: 0,
+            size: 1000,
+            nlink: 1,
+            atime: Time::from_parts(-1, 5),
+            mtime: Time(0),
+            ctime: Time(0),
+            btime: Time(0),
             rdev: 0,
+            generation: 3,
         };
-        let ttl = std::time::Duration::from_secs(1);
+        let ttl = Duration::from_secs(1);
         let mut v = Vec::new();
-        put_entry(&mut v, &a, 3, ttl);
+        put_entry(&mut v, &a, ttl);
         assert_eq!(v.len(), ENTRY_OUT);
         // The mode: regular file, 0644; blocks rounded up; atime signed.
         assert_eq!(&v[40 + 60..40 + 64], &(libc::S_IFREG | 0o644).to_ne_bytes());
@@ -768,11 +725,11 @@ mod tests {
         );
         assert_eq!(v.len(), 64);
         let mut v = Vec::new();
-        assert!(put_dirent(&mut v, 64, 5, 1, Kind::Dir, b"abc", None));
+        assert!(put_dirent(&mut v, 64, 5, 1, FileKind::Dir, b"abc", None));
         assert_eq!(v.len(), 32);
-        assert!(!put_dirent(&mut v, 64, 6, 2, Kind::File, b"a-longer-name", None));
+        assert!(!put_dirent(&mut v, 64, 6, 2, FileKind::File, b"a-longer-name", None));
         assert_eq!(v.len(), 32);
-        assert!(put_dirent(&mut v, 1024, 6, 2, Kind::File, b"x", Some((&a, 1, ttl))));
+        assert!(put_dirent(&mut v, 1024, 6, 2, FileKind::File, b"x", Some((&a, ttl))));
         assert_eq!(v.len(), 32 + ENTRY_OUT + 32);
     }
 }

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use blobfs::fs::Attr;
 use crossbeam_queue::SegQueue;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -591,14 +592,14 @@ impl Reply {
     }
 
     /// Answers a lookup, or a create of a node.
-    pub fn entry(self, a: &proto::FileAttr, generation: u64) {
+    pub fn entry(self, a: &Attr) {
         let mut b = Vec::with_capacity(proto::ENTRY_OUT);
-        proto::put_entry(&mut b, a, generation, TTL);
+        proto::put_entry(&mut b, a, TTL);
         self.send(0, &[&b])
     }
 
     /// Answers with attributes.
-    pub fn attr(self, a: &proto::FileAttr) {
+    pub fn attr(self, a: &Attr) {
         let mut b = Vec::with_capacity(104);
         proto::put_attr_out(&mut b, a, TTL);
         self.send(0, &[&b])
@@ -612,9 +613,9 @@ impl Reply {
     }
 
     /// Answers a create of a file: its entry and its open.
-    pub fn created(self, a: &proto::FileAttr, generation: u64, fh: u64, flags: u32) {
+    pub fn created(self, a: &Attr, fh: u64, flags: u32) {
         let mut b = Vec::with_capacity(proto::ENTRY_OUT + 16);
-        proto::put_entry(&mut b, a, generation, TTL);
+        proto::put_entry(&mut b, a, TTL);
         proto::put_open(&mut b, fh, flags);
         self.send(0, &[&b])
     }
