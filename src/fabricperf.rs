@@ -169,17 +169,23 @@ impl Perf {
                 if matches!(self.phase, Phase::Warmup) && now >= self.measure_start {
                     self.phase = Phase::Measure;
                 }
-                if matches!(self.phase, Phase::Measure) && submitted >= self.measure_start {
+                let counted = matches!(self.phase, Phase::Measure) && submitted >= self.measure_start;
+                if now >= self.end {
+                    self.phase = Phase::Drain;
+                }
+                let draining = matches!(self.phase, Phase::Drain);
+                if !draining {
+                    // The next call first: the bookkeeping below is not part of a round trip.
+                    self.issue(rpc, now, payload, seed);
+                }
+                if counted {
                     let rtt = now.saturating_sub(submitted);
                     self.hist.record(rtt);
                     self.sum_ns += rtt;
                     self.calls += 1;
                 }
-                if now >= self.end {
-                    self.phase = Phase::Drain;
-                }
-                if !matches!(self.phase, Phase::Drain) {
-                    return self.issue(rpc, now, payload, seed);
+                if !draining {
+                    return;
                 }
                 if self.outstanding == 0 {
                     let r = SizeResult {

@@ -75,13 +75,11 @@ fn rpc(n: usize, size: usize) -> f64 {
     let conn = client.connect(now(), &server.local_addr()).unwrap();
     let mut events = Vec::new();
     let step = |server: &mut Rpc, client: &mut Rpc, events: &mut Vec<Event>| -> usize {
-        server.poll(now(), events);
-        for ev in events.drain(..) {
+        server.poll_with(now(), |server, _, ev| {
             if let Event::Request(r) = ev {
                 server.respond(r.conn, r.id, r.method, Ok(r.payload)).unwrap();
             }
-        }
-        server.flush();
+        });
         client.poll(now(), events);
         let done = events.drain(..).filter(|e| matches!(e, Event::Completion(c) if c.result.is_ok())).count();
         client.flush();

@@ -106,7 +106,35 @@ pub mod flags {
 
 /// CRC32C (Castagnoli), as NVMe/TCP and iSCSI use.
 pub fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() <= SMALL_CRC && std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU has SSE4.2 (checked just above).
+        return unsafe { crc32c_small_sse42(data) };
+    }
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
+/// Payloads up to this many bytes are checksummed with the CPU's CRC32C
+/// instruction one word at a time: below it, crc_fast's setup for its
+/// folding loop costs more than the loop saves (a 64-byte message took
+/// about 75 instructions there against about 25 here).
+const SMALL_CRC: usize = 256;
+
+/// [`crc32c`] of a short slice with the CPU's CRC32C instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+fn crc32c_small_sse42(data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
+    let mut words = data.chunks_exact(8);
+    let mut crc = u64::from(u32::MAX);
+    for w in &mut words {
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    }
+    let mut crc = crc as u32;
+    for &b in words.remainder() {
+        crc = _mm_crc32_u8(crc, b);
+    }
+    !crc
 }
 
 /// CRC32C of a header's first 28 bytes, given as [`Header::words`] and the
@@ -901,6 +929,20 @@ mod tests {
         for (bytes, want) in cases {
             let err = Header::decode(&bytes, 100).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn short_and_long_payloads_get_the_same_crc32c() {
+        // The check value of the CRC-32/ISCSI catalogue entry.
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        let bytes: Vec<u8> = (0..600u32).map(|i| (i.wrapping_mul(131) >> 3) as u8).collect();
+        for len in 0..=SMALL_CRC + 9 {
+            for start in [0, 1, 7] {
+                let s = &bytes[start..start + len];
+                let reference = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, s) as u32;
+                assert_eq!(crc32c(s), reference, "{len} bytes at offset {start}");
+            }
         }
     }
 

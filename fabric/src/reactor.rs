@@ -2,9 +2,10 @@
 //!
 //! [`attach`] moves an endpoint onto the calling reactor and registers:
 //!
-//! - a busy poller that polls the endpoint, hands each [`Event`] to the
-//!   given handler (which may respond, call, or close), then flushes what the
-//!   handler queued, so an answer leaves in the same round its request came;
+//! - a busy poller that polls the endpoint ([`Rpc::poll_with`]), which hands
+//!   each [`Event`] to the given handler (which may respond, call, or close)
+//!   as it happens, and flushes what the handler queued, so an answer leaves
+//!   in the same round its request came;
 //! - a timed poller that does nothing but bound how long the reactor may
 //!   sleep, so call deadlines, keepalives and reconnects fire on time
 //!   ([`crate::rpc::RpcOptions::timer_ms`], 10 ms by default; at most 1 ms
@@ -90,19 +91,7 @@ pub fn attach<T: Transport + 'static>(
         ctx.register_wake_source(src).map_err(|e| FabricError::socket("adding the wake fd of", &name, e))?;
     }
     let r = rpc.clone();
-    let mut events = Vec::new();
-    let poller = ctx.register_poller(name.clone(), 0, move |ctx| {
-        let mut rpc = r.borrow_mut();
-        let now = ctx.now();
-        let status = rpc.poll(now, &mut events);
-        if !events.is_empty() {
-            for ev in events.drain(..) {
-                handler(&mut rpc, now, ev);
-            }
-            rpc.flush();
-        }
-        status
-    });
+    let poller = ctx.register_poller(name.clone(), 0, move |ctx| r.borrow_mut().poll_with(ctx.now(), &mut handler));
     let timer_ns = rpc.borrow().options().timer_ms.saturating_mul(1_000_000);
     let tick_ns = if wake_fd.is_some() { timer_ns } else { timer_ns.min(1_000_000) };
     let tick = ctx.register_poller(format!("{name}:timers"), tick_ns, |_| PollStatus::Idle);

@@ -90,12 +90,13 @@ impl<T> Slab<T> {
         (i < 1 << 16).then_some(((g & 0xffff) << 16) | i as u32)
     }
 
-    /// The entry a [`Slab::short`] key names, if it is still there.
+    /// The entry a [`Slab::short`] key names, with its full key, if it is still there.
     #[cfg(feature = "libfabric")]
-    pub(crate) fn find_short(&self, short: u32) -> Option<Key> {
+    pub(crate) fn find_short(&mut self, short: u32) -> Option<(Key, &mut T)> {
         let i = (short & 0xffff) as usize;
-        let s = self.slots.get(i)?;
-        (s.value.is_some() && s.generation & 0xffff == short >> 16).then(|| (u64::from(s.generation) << 32) | i as u64)
+        let s = self.slots.get_mut(i).filter(|s| s.generation & 0xffff == short >> 16)?;
+        let key = (u64::from(s.generation) << 32) | i as u64;
+        s.value.as_mut().map(|v| (key, v))
     }
 }
 
@@ -117,8 +118,8 @@ mod tests {
         #[cfg(feature = "libfabric")]
         {
             let short = Slab::<&str>::short(b).unwrap();
-            assert_eq!(s.find_short(short), Some(b));
-            assert_eq!(s.find_short(Slab::<&str>::short(a).unwrap()), None);
+            assert_eq!(s.find_short(short).map(|(k, v)| (k, *v)), Some((b, "b")));
+            assert!(s.find_short(Slab::<&str>::short(a).unwrap()).is_none());
         }
         assert_eq!(s.len(), 1);
         assert_eq!(s.keys(), vec![b]);

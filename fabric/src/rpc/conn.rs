@@ -163,7 +163,7 @@ impl<T: Transport> Rpc<T> {
             return;
         }
         if let Some(link) = c.link.take() {
-            self.by_link.remove(&link);
+            self.by_link.remove(link);
             self.t.close(link);
         }
         for (_, h) in c.exposed.drain() {

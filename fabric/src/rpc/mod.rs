@@ -33,6 +33,7 @@
 mod conn;
 mod inbound;
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -287,7 +288,7 @@ pub struct Rpc<T: Transport = AnyTransport> {
     opts: RpcOptions,
     incarnation: u64,
     conns: Slab<Conn>,
-    by_link: HashMap<LinkId, ConnId, BuildHasherDefault<IdHasher>>,
+    by_link: LinkMap,
     calls: Slab<Call>,
     /// Call deadlines, one FIFO per distinct timeout: calls with the same
     /// timeout expire in the order they were made, so each FIFO is sorted,
@@ -295,8 +296,11 @@ pub struct Rpc<T: Transport = AnyTransport> {
     deadlines: Vec<(u64, VecDeque<(u64, CallId)>)>,
     bulk_in: Slab<BulkIn>,
     events: Vec<Event>,
+    /// The batch of `events` being handed over (kept for its capacity).
+    handing: Vec<Event>,
     tevents: Vec<TransportEvent>,
     next_check: u64,
+    next_expire: u64,
     /// The latest `now` seen (for work started without one, like a response).
     now: u64,
     stats: Arc<EndpointStats>,
@@ -381,8 +385,53 @@ impl Hasher for IdHasher {
     }
 }
 
+/// Queues one frame on `c`'s link (none while it has no link) and counts it.
+fn put_frame(t: &mut impl Transport, c: &Conn, header: Header, payload: Payload) -> Result<(), FabricError> {
+    let Some(link) = c.link else { return Ok(()) };
+    ConnStats::add(&c.stats.frames_tx, 1);
+    ConnStats::add(&c.stats.bytes_tx, (frame::HEADER_LEN + payload.len()) as u64);
+    t.send(link, header, payload)
+}
+
+/// The connection of each transport link, with the last one looked up kept
+/// aside: frames mostly come in runs from one peer, and a hash lookup on
+/// every frame is a few nanoseconds of each round trip.
+#[derive(Default)]
+struct LinkMap {
+    map: HashMap<LinkId, ConnId, BuildHasherDefault<IdHasher>>,
+    last: Cell<Option<(LinkId, ConnId)>>,
+}
+
+impl LinkMap {
+    fn get(&self, link: LinkId) -> Option<ConnId> {
+        if let Some((l, conn)) = self.last.get()
+            && l == link
+        {
+            return Some(conn);
+        }
+        let conn = *self.map.get(&link)?;
+        self.last.set(Some((link, conn)));
+        Some(conn)
+    }
+
+    fn insert(&mut self, link: LinkId, conn: ConnId) {
+        self.map.insert(link, conn);
+        self.last.set(Some((link, conn)));
+    }
+
+    fn remove(&mut self, link: LinkId) {
+        self.map.remove(&link);
+        if self.last.get().is_some_and(|(l, _)| l == link) {
+            self.last.set(None);
+        }
+    }
+}
+
 /// How often connections are checked for keepalive, handshake and reconnect deadlines (ns).
 const CHECK_PERIOD_NS: u64 = 1_000_000;
+/// How often call deadlines are checked (ns): timeouts are in milliseconds,
+/// and a busy endpoint should not look at its deadlines on every poll.
+const EXPIRE_PERIOD_NS: u64 = 100_000;
 
 fn ms(v: u64) -> u64 {
     v.saturating_mul(1_000_000)
@@ -398,13 +447,15 @@ impl<T: Transport> Rpc<T> {
             opts,
             incarnation: fastrand::u64(1..),
             conns: Slab::default(),
-            by_link: HashMap::default(),
+            by_link: LinkMap::default(),
             calls: Slab::default(),
             deadlines: Vec::new(),
             bulk_in: Slab::default(),
             events: Vec::new(),
+            handing: Vec::new(),
             tevents: Vec::new(),
             next_check: 0,
+            next_expire: 0,
             now: 0,
             stats,
         })
@@ -529,15 +580,22 @@ impl<T: Transport> Rpc<T> {
         if c.queue.len() >= max_queued {
             return Err(FabricError::Backpressure { peer: c.peer_text(), queued: c.queue.len(), limit: max_queued });
         }
+        // Nothing waits ahead of it and a credit is there: straight out, not through the queue.
+        let direct = c.queue.is_empty() && c.state == ConnState::Established && c.send_credits > 0;
         let deadline = now.saturating_add(ms(timeout_ms));
-        let id =
-            self.calls.insert(Call { conn, tag, method, timeout_ms, payload: Some(payload), state: CallState::Queued });
+        let (payload, queued) = if direct { (Some(payload), None) } else { (None, Some(payload)) };
+        let id = self.calls.insert(Call { conn, tag, method, timeout_ms, payload: queued, state: CallState::Queued });
         match self.deadlines.iter_mut().find(|(t, _)| *t == timeout_ms) {
             Some((_, q)) => q.push_back((deadline, id)),
             None => self.deadlines.push((timeout_ms, VecDeque::from([(deadline, id)]))),
         }
-        self.conns.get_mut(conn).expect("checked above").queue.push_back(id);
-        self.pump(conn);
+        match payload {
+            Some(payload) => self.send_call(conn, id, payload),
+            None => {
+                self.conns.get_mut(conn).expect("checked above").queue.push_back(id);
+                self.pump(conn);
+            }
+        }
         Ok(id)
     }
 
@@ -617,8 +675,8 @@ impl<T: Transport> Rpc<T> {
         }
     }
 
-    /// Pushes queued frames out now (the reactor glue does this after
-    /// handing events to their handler, so answers leave in the same round).
+    /// Pushes queued frames out now (for callers of [`Rpc::poll`] that answer
+    /// its events afterwards; [`Rpc::poll_with`] does it after its handler).
     pub fn flush(&mut self) {
         self.t.flush();
     }
@@ -628,24 +686,36 @@ impl<T: Transport> Rpc<T> {
         !self.events.is_empty()
     }
 
-    /// Advances the endpoint to `now`: reads the transport, expires calls,
-    /// checks connections, writes. Appends what happened to `out`.
+    /// Advances the endpoint to `now`: expires calls, checks connections,
+    /// reads the transport, writes. Appends what happened to `out`.
     pub fn poll(&mut self, now: u64, out: &mut Vec<Event>) -> PollStatus {
+        self.poll_with(now, |_, _, ev| out.push(ev))
+    }
+
+    /// [`Rpc::poll`], handing each event to `handler` as soon as it happens
+    /// (with this endpoint, so that it can answer, call or close, and `now`).
+    /// A request's answer then leaves before the frames read with it are
+    /// looked at, and deadlines and connection checks are done before the
+    /// transport is read rather than between a request and its answer.
+    pub fn poll_with(&mut self, now: u64, mut handler: impl FnMut(&mut Self, u64, Event)) -> PollStatus {
         self.now = now;
-        let mut tevents = std::mem::take(&mut self.tevents);
-        let moved = self.t.poll(now, &mut tevents);
-        for ev in tevents.drain(..) {
-            self.on_transport(now, ev);
+        if now >= self.next_expire {
+            self.next_expire = now + EXPIRE_PERIOD_NS;
+            self.expire_calls(now);
         }
-        self.tevents = tevents;
-        self.expire_calls(now);
         if now >= self.next_check {
             self.next_check = now + CHECK_PERIOD_NS;
             self.check_conns(now);
         }
+        let mut busy = self.hand_over(now, &mut handler);
+        let mut tevents = std::mem::take(&mut self.tevents);
+        busy |= self.t.poll(now, &mut tevents);
+        for ev in tevents.drain(..) {
+            self.on_transport(now, ev);
+            self.hand_over(now, &mut handler);
+        }
+        self.tevents = tevents;
         self.t.flush();
-        let busy = moved || !self.events.is_empty();
-        out.append(&mut self.events);
         if busy {
             PollStatus::Busy
         } else if self.t.busy() || (self.t.wake_fd().is_none() && !self.is_quiet()) {
@@ -655,6 +725,21 @@ impl<T: Transport> Rpc<T> {
         } else {
             PollStatus::Idle
         }
+    }
+
+    /// Hands the events queued so far to `handler` (and those it queues in
+    /// turn); false if there were none.
+    #[inline(always)]
+    fn hand_over(&mut self, now: u64, handler: &mut impl FnMut(&mut Self, u64, Event)) -> bool {
+        let any = !self.events.is_empty();
+        while !self.events.is_empty() {
+            let mut batch = std::mem::replace(&mut self.events, std::mem::take(&mut self.handing));
+            for ev in batch.drain(..) {
+                handler(self, now, ev);
+            }
+            self.handing = batch;
+        }
+        any
     }
 
     /// Whether the reactor may sleep (see [`pmd::WakeSource::arm`]).
@@ -713,14 +798,20 @@ impl<T: Transport> Rpc<T> {
                 self.events.push(Event::Completion(Completion { call, tag, result: Err(Box::new(error)) }));
                 continue;
             }
-            k.state = CallState::Sent;
-            let method = k.method;
-            c.send_credits -= 1;
-            c.in_flight += 1;
-            ConnStats::add(&c.stats.requests_tx, 1);
-            c.stats.set_in_flight(c.in_flight);
-            self.send_message(conn, Header::new(Opcode::Request, call).method(method), payload);
+            self.send_call(conn, call, payload);
         }
+    }
+
+    /// Puts a call on the wire, taking one of the connection's credits.
+    fn send_call(&mut self, conn: ConnId, call: CallId, payload: Payload) {
+        let (Some(c), Some(k)) = (self.conns.get_mut(conn), self.calls.get_mut(call)) else { return };
+        k.state = CallState::Sent;
+        c.send_credits -= 1;
+        c.in_flight += 1;
+        ConnStats::add(&c.stats.requests_tx, 1);
+        c.stats.set_in_flight(c.in_flight);
+        let header = Header::new(Opcode::Request, call).method(k.method);
+        self.send_message(conn, header, payload);
     }
 
     /// Sends one request or response, choosing how its payload travels:
@@ -731,7 +822,12 @@ impl<T: Transport> Rpc<T> {
         let bulk = len >= BULK_THRESHOLD;
         let digest = !bulk || self.opts.bulk_digest || c.peer.as_ref().is_some_and(|p| p.bulk_digest);
         if len <= self.t.max_frame_payload() {
-            return self.send_frame(conn, header.payload_with(&payload, digest), payload);
+            // One frame: sent from here rather than through send_frame, which would look the connection up again.
+            let header = header.payload_with(&payload, digest);
+            if let Err(e) = put_frame(&mut self.t, c, header, payload) {
+                self.lose(self.now, conn, e);
+            }
+            return;
         }
         let is_response = header.opcode == Opcode::Response;
         if self.t.rma() && c.peer.as_ref().is_some_and(|p| p.rma) {
@@ -779,10 +875,7 @@ impl<T: Transport> Rpc<T> {
     /// Queues one frame on the connection's link; a transport error fails the connection.
     fn send_frame(&mut self, conn: ConnId, header: Header, payload: Payload) {
         let Some(c) = self.conns.get(conn) else { return };
-        let Some(link) = c.link else { return };
-        ConnStats::add(&c.stats.frames_tx, 1);
-        ConnStats::add(&c.stats.bytes_tx, (frame::HEADER_LEN + payload.len()) as u64);
-        if let Err(e) = self.t.send(link, header, payload) {
+        if let Err(e) = put_frame(&mut self.t, c, header, payload) {
             self.lose(self.now, conn, e);
         }
     }
@@ -795,22 +888,22 @@ impl<T: Transport> Rpc<T> {
                 tracing::debug!(conn, transport = self.t.name(), "accepted a connection");
             }
             TransportEvent::Connected { link } => {
-                if let Some(&conn) = self.by_link.get(&link) {
+                if let Some(conn) = self.by_link.get(link) {
                     self.send_hello(now, conn, Opcode::Hello);
                 }
             }
             TransportEvent::Frame { link, header, payload } => {
-                if let Some(&conn) = self.by_link.get(&link) {
+                if let Some(conn) = self.by_link.get(link) {
                     self.on_frame(now, conn, header, payload);
                 }
             }
             TransportEvent::BulkRead { link, token, result } => {
-                if self.by_link.contains_key(&link) {
+                if self.by_link.get(link).is_some() {
                     self.on_bulk_read(now, token, result.map_err(|e| *e));
                 }
             }
             TransportEvent::Closed { link, error } => {
-                if let Some(&conn) = self.by_link.get(&link) {
+                if let Some(conn) = self.by_link.get(link) {
                     self.lose(now, conn, *error);
                 }
             }
@@ -852,6 +945,19 @@ mod tests {
         assert!(with(1).is_ok() && with(MAX_CREDITS).is_ok());
         let long = RpcOptions { name: "n".repeat(256), ..Default::default() };
         assert!(matches!(long.check(), Err(FabricError::Config { option: "name", .. })));
+    }
+
+    #[test]
+    fn a_removed_link_is_not_found_through_the_one_kept_aside() {
+        let mut m = LinkMap::default();
+        m.insert(10, 1);
+        m.insert(20, 2);
+        assert_eq!((m.get(10), m.get(20), m.get(10)), (Some(1), Some(2), Some(1)));
+        m.remove(10);
+        assert_eq!(m.get(10), None, "the last link looked up was removed");
+        assert_eq!(m.get(20), Some(2));
+        m.remove(30);
+        assert_eq!(m.get(20), Some(2));
     }
 
     #[test]

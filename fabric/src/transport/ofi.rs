@@ -38,6 +38,24 @@ use crate::slab::Slab;
 const RECV_LEN: usize = HEADER_LEN + MAX_INLINE;
 /// Longest wait before a refused send is tried again.
 const MAX_RETRY_NS: u64 = 1_000_000;
+/// Received payloads up to this many bytes are copied into a buffer
+/// allocated ahead ([`OfiTransport::spare`]).
+const SPARE_LEN: usize = 256;
+/// Buffers kept allocated ahead.
+const SPARES: usize = 16;
+
+/// A received payload's bytes in a buffer of `spare` if it is small and one
+/// is left, else in a new allocation.
+fn small_payload(spare: &mut Vec<Vec<u8>>, body: &[u8]) -> Payload {
+    if !body.is_empty()
+        && body.len() <= SPARE_LEN
+        && let Some(mut v) = spare.pop()
+    {
+        v.extend_from_slice(body);
+        return Payload::Heap(v);
+    }
+    Payload::copy_from(body)
+}
 
 enum Op {
     Send { link: LinkId, payload: Payload },
@@ -59,6 +77,11 @@ struct Link {
 }
 
 impl Link {
+    /// What a send to it needs: the link, the peer's address and its token.
+    fn to(&self, link: LinkId) -> (LinkId, u64, u32) {
+        (link, self.fi_addr, self.peer_token)
+    }
+
     /// The provider refused a send at `now`: wait twice as long as last time before the next try.
     fn refused(&mut self, now: u64) {
         self.retry_ns = (self.retry_ns * 2).clamp(1_000, MAX_RETRY_NS);
@@ -84,6 +107,10 @@ pub struct OfiTransport {
     /// Receive buffers read and not posted again yet: they are posted at the
     /// start of the next poll, so that an answer to what they held leaves first.
     repost: Vec<usize>,
+    /// Buffers for small received payloads, allocated at the start of a
+    /// poll, so that no allocation stands between a message's arrival and
+    /// its answer.
+    spare: Vec<Vec<u8>>,
     /// Op slots of reads the provider refused for now.
     reads_waiting: VecDeque<usize>,
     completions: Vec<ofi::Completion>,
@@ -217,6 +244,7 @@ impl OfiTransport {
             pending: Vec::new(),
             backlog: Vec::new(),
             repost: Vec::with_capacity(recv_buffers),
+            spare: Vec::with_capacity(SPARES),
             reads_waiting: VecDeque::new(),
             completions: Vec::with_capacity(64),
             scratch: vec![0; ep.inject_size()],
@@ -296,14 +324,13 @@ impl OfiTransport {
     }
 
     /// Tries to hand one frame to the provider: `Ok(Some(frame))` if it must wait.
+    /// `dest` and `token` are the link's address and its peer's token.
     fn try_send(
         &mut self,
-        link: LinkId,
+        (link, dest, token): (LinkId, u64, u32),
         header: Header,
         payload: Payload,
     ) -> Result<Option<(Header, Payload)>, FabricError> {
-        let Some(l) = self.links.get(link) else { return Ok(None) };
-        let (dest, token) = (l.fi_addr, l.peer_token);
         let total = HEADER_LEN + payload.len();
         if total <= self.inject_size {
             let msg = &mut self.scratch[..total];
@@ -346,8 +373,11 @@ impl OfiTransport {
                 continue;
             }
             loop {
-                let Some(frame) = self.links.get_mut(link).and_then(|l| l.queue.pop_front()) else { break };
-                match self.try_send(link, frame.0, frame.1) {
+                let Some((to, frame)) = self.links.get_mut(link).and_then(|l| Some((l.to(link), l.queue.pop_front()?)))
+                else {
+                    break;
+                };
+                match self.try_send(to, frame.0, frame.1) {
                     Ok(None) => {
                         if let Some(l) = self.links.get_mut(link) {
                             l.retry_ns = 0;
@@ -391,14 +421,17 @@ impl OfiTransport {
 
     /// Handles one received message in receive buffer `slot`.
     fn on_recv(&mut self, slot: usize, len: usize, data: Option<u64>, now: u64, events: &mut Vec<TransportEvent>) {
-        let known = data.and_then(|d| self.links.find_short(d as u32));
+        let known = data.and_then(|d| self.links.find_short(d as u32)).map(|(link, l)| {
+            l.last_rx = now;
+            link
+        });
         let bytes = &self.recv[slot][..len.min(RECV_LEN)];
         let parsed = Header::decode(bytes, MAX_INLINE as u32).and_then(|h| {
             let body = &bytes[HEADER_LEN..];
             if body.len() > h.length as usize {
                 return Err(FrameError::Trailing { what: "message", extra: body.len() - h.length as usize });
             }
-            h.check_payload(body).map(|()| (h, Payload::copy_from(body)))
+            h.check_payload(body).map(|()| (h, small_payload(&mut self.spare, body)))
         });
         let (header, payload) = match (parsed, known) {
             (Ok(frame), _) => frame,
@@ -420,7 +453,12 @@ impl OfiTransport {
                     Err(e) => return self.reject(&format!("bad hello: {e}")),
                 };
                 match self.by_addr.get(&hello.addr) {
-                    Some(&link) => link,
+                    Some(&link) => {
+                        if let Some(l) = self.links.get_mut(link) {
+                            l.last_rx = now;
+                        }
+                        link
+                    }
                     None => match self.add_link(&hello.addr, now) {
                         Ok(link) => {
                             events.push(TransportEvent::Accepted { link });
@@ -436,9 +474,6 @@ impl OfiTransport {
             && let Some(l) = self.links.get_mut(link)
         {
             l.peer_token = hello.token;
-        }
-        if let Some(l) = self.links.get_mut(link) {
-            l.last_rx = now;
         }
         crate::push_in_place(events, || TransportEvent::Frame { link, header, payload });
     }
@@ -510,7 +545,8 @@ impl Transport for OfiTransport {
             l.queue.push_back((header, payload));
             return Ok(());
         }
-        if let Some(back) = self.try_send(link, header, payload)? {
+        let to = l.to(link);
+        if let Some(back) = self.try_send(to, header, payload)? {
             let l = self.links.get_mut(link).expect("checked above");
             l.queue.push_back(back);
             l.refused(self.now);
@@ -537,6 +573,9 @@ impl Transport for OfiTransport {
             if let Err(e) = self.post_recv(slot) {
                 tracing::error!(provider = %self.provider, "re-posting a receive buffer failed: {e}");
             }
+        }
+        while self.spare.len() < SPARES {
+            self.spare.push(Vec::with_capacity(SPARE_LEN));
         }
         let mut completions = std::mem::take(&mut self.completions);
         for _ in 0..16 {
