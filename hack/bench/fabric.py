@@ -37,7 +37,10 @@ threshold) to the next, and BBR (which this host's image sets) sizes its
 window from loopback's microsecond round trip, so a 1 MiB transfer (17
 segments of 64 KiB with its header) went in one flight or in two by
 connection, and runs came out bimodal (docs/PERFORMANCE.md, "Fabric").
-The reference and claudefs share the namespace and the algorithm.
+The reference and claudefs share the namespace and the algorithm. A
+namespace may only choose an algorithm the host allows, so the script adds
+it to the host's tcp_allowed_congestion_control if it is missing (the
+host's own choice stays as it is).
 
 Each figure is the median of the per-pair
 ratios over --reps pairs (see docs/PERFORMANCE.md, "How we measure"); the
@@ -79,6 +82,8 @@ def isolate(nice, congestion):
         os.environ["FABRIC_BENCH_SESSION"] = "1"
         cmd = ["setsid", "--wait", sys.executable] + sys.argv
         if root:
+            if congestion != "host":
+                allow_congestion(congestion)
             cmd = ["unshare", "--net"] + cmd
         os.execvp(cmd[0], cmd)
     if nice:
@@ -91,6 +96,20 @@ def isolate(nice, congestion):
         with open("/proc/sys/net/ipv4/tcp_congestion_control", "w") as f:
             f.write(congestion)
     return {"netns": True, "tcp_congestion": sysctl_cc()}
+
+
+def allow_congestion(name):
+    """A network namespace other than the host's may only choose a TCP
+    congestion control the host allows (tcp_allowed_congestion_control):
+    adds `name` to that list if it is missing (the host's own choice is
+    left alone)."""
+    path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+    with open(path) as f:
+        allowed = f.read().split()
+    if name not in allowed:
+        with open(path, "w") as f:
+            f.write(" ".join(allowed + [name]))
+        print(f"fabric.py: added {name} to {path} (was: {' '.join(allowed)})", file=sys.stderr)
 
 
 def sysctl_cc():
