@@ -184,10 +184,7 @@ impl Perf {
                     self.sum_ns += rtt;
                     self.calls += 1;
                 }
-                if !draining {
-                    return;
-                }
-                if self.outstanding == 0 {
+                if draining && self.outstanding == 0 {
                     let r = SizeResult {
                         size,
                         calls: self.calls,
