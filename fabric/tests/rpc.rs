@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use common::{Kind, Pair, kinds, now};
 use fabric::FabricError;
-use fabric::frame::{BULK_THRESHOLD, MAX_INLINE, Payload, crc32c};
+use fabric::frame::{BULK_THRESHOLD, FRAGMENT_PREFIX, MAX_INLINE, Payload, crc32c};
 use fabric::rpc::{Event, RpcOptions};
 use fabric::stats::ConnState;
+use fabric::transport::Transport;
 
 const MIB: usize = 1 << 20;
 
@@ -84,6 +85,27 @@ fn bulk_payloads_travel_in_fragments_without_rma_and_with_digests_on_request() {
         assert_eq!((s.bulk_sent, s.bulk_received), (0, 0), "{kind}: no RMA was used");
         let mut p = Pair::new(kind, digest, RpcOptions::default());
         echo_sizes(&mut p, &[BULK_THRESHOLD, 5 * MIB], 8);
+    }
+}
+
+#[test]
+fn payloads_a_little_over_the_eager_size_go_as_a_few_eager_fragments() {
+    for kind in kinds() {
+        // No keepalive pings in the frame counts.
+        let quiet = RpcOptions { keepalive_interval_ms: 600_000, keepalive_timeout_ms: 1_200_000, ..Default::default() };
+        let mut p = Pair::new(kind, RpcOptions::default(), quiet);
+        let (eager, max) = (p.client.transport().eager_payload(), p.client.transport().max_frame_payload());
+        if eager >= max {
+            assert_eq!(kind, Kind::Tcp, "only the stream has no eager step");
+            continue;
+        }
+        let piece = eager - FRAGMENT_PREFIX;
+        for (len, frames) in [(eager, 1), (eager + 1, 2), (3 * eager, (3 * eager).div_ceil(piece)), (4 * eager + 1, 1)] {
+            let before = p.client.stats().connections()[0].frames_sent;
+            echo_sizes(&mut p, &[len], len as u64);
+            let sent = p.client.stats().connections()[0].frames_sent - before;
+            assert_eq!(sent, frames as u64, "{kind}: frames for a {len}-byte request (eager size {eager})");
+        }
     }
 }
 

@@ -317,6 +317,15 @@ impl<T: Transport> std::fmt::Debug for Rpc<T> {
     }
 }
 
+/// Payloads above the transport's eager size and up to this many times it go
+/// as eager fragments ([`Transport::eager_payload`]); larger ones in one
+/// frame. Measured on shm: 4 KiB moves in 1.1 µs as two fragments against
+/// 2.8 µs as one frame; with more fragments the gain shrinks, and reverses
+/// where cache lines move slowly between the cores, since each fragment's
+/// bytes cross through the shared region twice and a cross-process copy's
+/// once. On tcp;ofi_rxm, fragments beat the rendezvous at every inline size.
+const EAGER_FRAGMENTS: usize = 4;
+
 /// Most credits an endpoint grants: the requests a connection is serving
 /// are searched one by one.
 pub const MAX_CREDITS: u16 = 4096;
@@ -821,7 +830,8 @@ impl<T: Transport> Rpc<T> {
         let len = payload.len();
         let bulk = len >= BULK_THRESHOLD;
         let digest = !bulk || self.opts.bulk_digest || c.peer.as_ref().is_some_and(|p| p.bulk_digest);
-        if len <= self.t.max_frame_payload() {
+        let (eager, max) = (self.t.eager_payload(), self.t.max_frame_payload());
+        if len <= eager || (len <= max && len > EAGER_FRAGMENTS.saturating_mul(eager)) {
             // One frame: sent from here rather than through send_frame, which would look the connection up again.
             let header = header.payload_with(&payload, digest);
             if let Err(e) = put_frame(&mut self.t, c, header, payload) {
@@ -830,7 +840,7 @@ impl<T: Transport> Rpc<T> {
             return;
         }
         let is_response = header.opcode == Opcode::Response;
-        if self.t.rma() && c.peer.as_ref().is_some_and(|p| p.rma) {
+        if len > max && self.t.rma() && c.peer.as_ref().is_some_and(|p| p.rma) {
             let crc = digest.then(|| frame::crc32c(&payload));
             match self.t.expose(payload) {
                 Ok((mut desc, handle)) => {
@@ -851,13 +861,16 @@ impl<T: Transport> Rpc<T> {
             Payload::Heap(v) => v,
             Payload::Dma(b) => b.to_vec(),
         };
-        self.send_fragments_of(conn, header, bytes, digest);
+        // A few eager fragments, or (without RMA) fragments of whole frames.
+        let frame_payload = if len <= max { eager } else { max };
+        self.send_fragments_of(conn, header, bytes, digest, frame_payload);
     }
 
-    /// Sends `bytes` as fragments that fit one frame each, every one saying
-    /// where it goes; only the first carries the header's credits.
-    fn send_fragments_of(&mut self, conn: ConnId, header: Header, bytes: Vec<u8>, digest: bool) {
-        let chunk = self.t.max_frame_payload() - frame::FRAGMENT_PREFIX;
+    /// Sends `bytes` as fragments with payloads of `frame_payload` bytes at
+    /// most, every one saying where it goes; only the first carries the
+    /// header's credits.
+    fn send_fragments_of(&mut self, conn: ConnId, header: Header, bytes: Vec<u8>, digest: bool, frame_payload: usize) {
+        let chunk = frame_payload - frame::FRAGMENT_PREFIX;
         let total = bytes.len() as u64;
         for (i, piece) in bytes.chunks(chunk).enumerate() {
             let prefix = frame::Fragment { offset: (i * chunk) as u64, total }.encode();

@@ -78,6 +78,14 @@ pub trait Transport {
     fn address_bytes(&self) -> Vec<u8>;
     /// The largest payload one frame may carry (`usize::MAX` on a stream).
     fn max_frame_payload(&self) -> usize;
+    /// The largest payload one frame moves by the provider's cheapest
+    /// protocol (at most [`Transport::max_frame_payload`], which it is where
+    /// there is no such step). The RPC layer cuts larger payloads that go
+    /// inline into fragments of this size: a few cheap messages cost less
+    /// than one through the provider's protocol for large messages.
+    fn eager_payload(&self) -> usize {
+        self.max_frame_payload()
+    }
     /// Whether payloads can be exposed for, and fetched by, RMA reads.
     fn rma(&self) -> bool;
 
@@ -306,6 +314,9 @@ impl Transport for AnyTransport {
     }
     fn max_frame_payload(&self) -> usize {
         dispatch!(self, t => t.max_frame_payload())
+    }
+    fn eager_payload(&self) -> usize {
+        dispatch!(self, t => t.eager_payload())
     }
     fn rma(&self) -> bool {
         dispatch!(self, t => t.rma())

@@ -44,6 +44,33 @@ const SPARE_LEN: usize = 256;
 /// Buffers kept allocated ahead.
 const SPARES: usize = 16;
 
+/// The largest message (header included) `provider` sends by its cheapest
+/// protocol, if it has a more costly one above it:
+///
+/// - shm copies a message up to its inject size through the shared region
+///   at once; a larger one is fetched by the receiver with a cross-process
+///   copy (a system call, and a message back to the sender), about 2 µs more.
+/// - rxm sends a message up to its buffer size (`FI_OFI_RXM_BUFFER_SIZE`,
+///   16 KiB by default) eagerly; a larger one by rendezvous, about 17 µs more
+///   over tcp. Some libfabric versions take rxm's own packet header out of
+///   that buffer: [`RXM_HEADER_ROOM`] is left for it.
+/// `rxm_buffer` is the `FI_OFI_RXM_BUFFER_SIZE` setting, if any.
+fn eager_message(provider: &str, inject_size: usize, rxm_buffer: Option<&str>) -> Option<usize> {
+    if provider == "shm" {
+        return Some(inject_size);
+    }
+    if provider.ends_with("ofi_rxm") {
+        let configured = rxm_buffer.and_then(|v| v.trim().parse::<usize>().ok());
+        return Some(configured.unwrap_or(RXM_BUFFER_SIZE).saturating_sub(RXM_HEADER_ROOM));
+    }
+    None
+}
+
+/// rxm's default buffer size: its eager limit.
+const RXM_BUFFER_SIZE: usize = 16 * 1024;
+/// Room left in rxm's buffer for its packet header (under 128 bytes in every version).
+const RXM_HEADER_ROOM: usize = 128;
+
 /// A received payload's bytes in a buffer of `spare` if it is small and one
 /// is left, else in a new allocation.
 fn small_payload(spare: &mut Vec<Vec<u8>>, body: &[u8]) -> Payload {
@@ -120,6 +147,8 @@ pub struct OfiTransport {
     local: String,
     rma: bool,
     inject_size: usize,
+    /// [`Transport::eager_payload`].
+    eager: usize,
     in_flight: usize,
     rejected: u64,
     /// The time of the last poll.
@@ -231,9 +260,14 @@ impl OfiTransport {
         } else {
             sockaddr_text(ep.name()).unwrap_or_else(|| ep.addr_string(ep.name()))
         };
+        let rxm_buffer = std::env::var("FI_OFI_RXM_BUFFER_SIZE").ok();
+        let eager = eager_message(&provider, ep.inject_size(), rxm_buffer.as_deref()).map_or(MAX_INLINE, |m| {
+            m.saturating_sub(HEADER_LEN).clamp(crate::frame::FRAGMENT_PREFIX + 1, MAX_INLINE)
+        });
         let mut t = Self {
             rma: opts.rma && ep.rma(),
             inject_size: ep.inject_size(),
+            eager,
             recv: Vec::with_capacity(recv_buffers),
             ops: (0..slots).map(|_| None).collect(),
             headers: vec![[0u8; HEADER_LEN]; slots].into_boxed_slice(),
@@ -496,6 +530,10 @@ impl Transport for OfiTransport {
         MAX_INLINE
     }
 
+    fn eager_payload(&self) -> usize {
+        self.eager
+    }
+
     fn rma(&self) -> bool {
         self.rma
     }
@@ -720,5 +758,14 @@ mod tests {
         assert_eq!(node_service("127.0.0.1:0"), (Some("127.0.0.1"), None));
         assert_eq!(node_service("10.0.0.1:7000"), (Some("10.0.0.1"), Some("7000")));
         assert_eq!(node_service("claudefs-a"), (Some("claudefs-a"), None));
+    }
+
+    #[test]
+    fn eager_messages_follow_the_provider_and_rxm_buffer_setting() {
+        assert_eq!(eager_message("shm", 4096, Some("65536")), Some(4096), "shm: its inject size");
+        assert_eq!(eager_message("tcp;ofi_rxm", 64, None), Some(16384 - RXM_HEADER_ROOM));
+        assert_eq!(eager_message("verbs;ofi_rxm", 64, Some(" 65536 ")), Some(65536 - RXM_HEADER_ROOM));
+        assert_eq!(eager_message("tcp;ofi_rxm", 64, Some("lots")), Some(16384 - RXM_HEADER_ROOM), "unparsable: default");
+        assert_eq!(eager_message("tcp", 64, None), None, "no eager step known");
     }
 }
