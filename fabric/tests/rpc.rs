@@ -92,7 +92,8 @@ fn bulk_payloads_travel_in_fragments_without_rma_and_with_digests_on_request() {
 fn payloads_a_little_over_the_eager_size_go_as_a_few_eager_fragments() {
     for kind in kinds() {
         // No keepalive pings in the frame counts.
-        let quiet = RpcOptions { keepalive_interval_ms: 600_000, keepalive_timeout_ms: 1_200_000, ..Default::default() };
+        let quiet =
+            RpcOptions { keepalive_interval_ms: 600_000, keepalive_timeout_ms: 1_200_000, ..Default::default() };
         let mut p = Pair::new(kind, RpcOptions::default(), quiet);
         let (eager, max) = (p.client.transport().eager_payload(), p.client.transport().max_frame_payload());
         if eager >= max {
@@ -100,7 +101,8 @@ fn payloads_a_little_over_the_eager_size_go_as_a_few_eager_fragments() {
             continue;
         }
         let piece = eager - FRAGMENT_PREFIX;
-        for (len, frames) in [(eager, 1), (eager + 1, 2), (3 * eager, (3 * eager).div_ceil(piece)), (4 * eager + 1, 1)] {
+        for (len, frames) in [(eager, 1), (eager + 1, 2), (3 * eager, (3 * eager).div_ceil(piece)), (4 * eager + 1, 1)]
+        {
             let before = p.client.stats().connections()[0].frames_sent;
             echo_sizes(&mut p, &[len], len as u64);
             let sent = p.client.stats().connections()[0].frames_sent - before;

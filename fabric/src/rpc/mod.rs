@@ -29,6 +29,11 @@
 //! are cut into 64 KiB fragments. Bulk payloads are checksummed only when
 //! [`RpcOptions::bulk_digest`] asks (file data is protected end to end above
 //! this layer); everything else always is.
+//!
+//! Smaller payloads go in one frame, except those just over the transport's
+//! eager size ([`Transport::eager_payload`]: shm's inject size, rxm's eager
+//! limit over tcp), which go as a few fragments of that size: cheaper than
+//! one message through the provider's protocol for large ones.
 
 mod conn;
 mod inbound;
@@ -831,7 +836,8 @@ impl<T: Transport> Rpc<T> {
         let bulk = len >= BULK_THRESHOLD;
         let digest = !bulk || self.opts.bulk_digest || c.peer.as_ref().is_some_and(|p| p.bulk_digest);
         let (eager, max) = (self.t.eager_payload(), self.t.max_frame_payload());
-        if len <= eager || (len <= max && len > EAGER_FRAGMENTS.saturating_mul(eager)) {
+        let eager_fragments = len > eager && len <= max && len <= EAGER_FRAGMENTS.saturating_mul(eager);
+        if len <= max && !eager_fragments {
             // One frame: sent from here rather than through send_frame, which would look the connection up again.
             let header = header.payload_with(&payload, digest);
             if let Err(e) = put_frame(&mut self.t, c, header, payload) {
@@ -861,8 +867,8 @@ impl<T: Transport> Rpc<T> {
             Payload::Heap(v) => v,
             Payload::Dma(b) => b.to_vec(),
         };
-        // A few eager fragments, or (without RMA) fragments of whole frames.
-        let frame_payload = if len <= max { eager } else { max };
+        // Eager fragments, or (without RMA) fragments of whole frames.
+        let frame_payload = if eager_fragments { eager } else { max };
         self.send_fragments_of(conn, header, bytes, digest, frame_payload);
     }
 

@@ -50,16 +50,19 @@ const SPARES: usize = 16;
 /// - shm copies a message up to its inject size through the shared region
 ///   at once; a larger one is fetched by the receiver with a cross-process
 ///   copy (a system call, and a message back to the sender), about 2 µs more.
-/// - rxm sends a message up to its buffer size (`FI_OFI_RXM_BUFFER_SIZE`,
-///   16 KiB by default) eagerly; a larger one by rendezvous, about 17 µs more
-///   over tcp. Some libfabric versions take rxm's own packet header out of
-///   that buffer: [`RXM_HEADER_ROOM`] is left for it.
+/// - rxm over tcp sends a message up to its buffer size
+///   (`FI_OFI_RXM_BUFFER_SIZE`, 16 KiB by default) eagerly; a larger one by
+///   rendezvous, about 17 µs more. Some libfabric versions take rxm's own
+///   packet header out of that buffer: [`RXM_HEADER_ROOM`] is left for it.
+/// - rxm over verbs is left to its own protocols: its rendezvous is one
+///   RDMA read, and no RDMA device here could show fragments to be cheaper.
+///
 /// `rxm_buffer` is the `FI_OFI_RXM_BUFFER_SIZE` setting, if any.
 fn eager_message(provider: &str, inject_size: usize, rxm_buffer: Option<&str>) -> Option<usize> {
     if provider == "shm" {
         return Some(inject_size);
     }
-    if provider.ends_with("ofi_rxm") {
+    if provider == "tcp;ofi_rxm" {
         let configured = rxm_buffer.and_then(|v| v.trim().parse::<usize>().ok());
         return Some(configured.unwrap_or(RXM_BUFFER_SIZE).saturating_sub(RXM_HEADER_ROOM));
     }
@@ -261,9 +264,8 @@ impl OfiTransport {
             sockaddr_text(ep.name()).unwrap_or_else(|| ep.addr_string(ep.name()))
         };
         let rxm_buffer = std::env::var("FI_OFI_RXM_BUFFER_SIZE").ok();
-        let eager = eager_message(&provider, ep.inject_size(), rxm_buffer.as_deref()).map_or(MAX_INLINE, |m| {
-            m.saturating_sub(HEADER_LEN).clamp(crate::frame::FRAGMENT_PREFIX + 1, MAX_INLINE)
-        });
+        let eager = eager_message(&provider, ep.inject_size(), rxm_buffer.as_deref())
+            .map_or(MAX_INLINE, |m| m.saturating_sub(HEADER_LEN).clamp(crate::frame::FRAGMENT_PREFIX + 1, MAX_INLINE));
         let mut t = Self {
             rma: opts.rma && ep.rma(),
             inject_size: ep.inject_size(),
@@ -764,8 +766,13 @@ mod tests {
     fn eager_messages_follow_the_provider_and_rxm_buffer_setting() {
         assert_eq!(eager_message("shm", 4096, Some("65536")), Some(4096), "shm: its inject size");
         assert_eq!(eager_message("tcp;ofi_rxm", 64, None), Some(16384 - RXM_HEADER_ROOM));
-        assert_eq!(eager_message("verbs;ofi_rxm", 64, Some(" 65536 ")), Some(65536 - RXM_HEADER_ROOM));
-        assert_eq!(eager_message("tcp;ofi_rxm", 64, Some("lots")), Some(16384 - RXM_HEADER_ROOM), "unparsable: default");
+        assert_eq!(eager_message("tcp;ofi_rxm", 64, Some(" 65536 ")), Some(65536 - RXM_HEADER_ROOM));
+        assert_eq!(eager_message("verbs;ofi_rxm", 64, None), None, "verbs: rxm's rendezvous is an RDMA read");
+        assert_eq!(
+            eager_message("tcp;ofi_rxm", 64, Some("lots")),
+            Some(16384 - RXM_HEADER_ROOM),
+            "unparsable: default"
+        );
         assert_eq!(eager_message("tcp", 64, None), None, "no eager step known");
     }
 }
