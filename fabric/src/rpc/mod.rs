@@ -747,6 +747,11 @@ impl<T: Transport> Rpc<T> {
     fn hand_over(&mut self, now: u64, handler: &mut impl FnMut(&mut Self, u64, Event)) -> bool {
         let any = !self.events.is_empty();
         while !self.events.is_empty() {
+            if self.events.len() == 1 {
+                let ev = self.events.pop().expect("one event");
+                handler(self, now, ev);
+                continue;
+            }
             let mut batch = std::mem::replace(&mut self.events, std::mem::take(&mut self.handing));
             for ev in batch.drain(..) {
                 handler(self, now, ev);
