@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Kind, Pair, kinds, now};
 use fabric::FabricError;
-use fabric::frame::{BULK_THRESHOLD, FRAGMENT_PREFIX, MAX_INLINE, Payload, crc32c};
+use fabric::frame::{BULK_THRESHOLD, FRAGMENT_PREFIX, HEADER_LEN, MAX_INLINE, Payload, crc32c};
 use fabric::rpc::{Event, RpcOptions};
 use fabric::stats::ConnState;
 use fabric::transport::Transport;
@@ -101,9 +101,9 @@ fn payloads_a_little_over_the_eager_size_go_as_a_few_eager_fragments() {
             assert!(matches!(kind, Kind::Tcp | Kind::Ofi("verbs;ofi_rxm")), "{kind} has an eager step");
             continue;
         }
-        let piece = eager - FRAGMENT_PREFIX;
-        for (len, frames) in [(eager, 1), (eager + 1, 2), (3 * eager, (3 * eager).div_ceil(piece)), (4 * eager + 1, 1)]
-        {
+        // Up to four eager messages' worth (shm: 16 KiB) in fragments, above in one frame.
+        let (piece, most) = (eager - FRAGMENT_PREFIX, 4 * (eager + HEADER_LEN));
+        for (len, frames) in [(eager, 1), (eager + 1, 2), (most, most.div_ceil(piece)), (most + 1, 1)] {
             let before = p.client.stats().connections()[0].frames_sent;
             echo_sizes(&mut p, &[len], len as u64);
             let sent = p.client.stats().connections()[0].frames_sent - before;
