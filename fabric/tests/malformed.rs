@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{Kind, Pair, capture_logs, kinds, now};
-use fabric::frame::{Header, Hello, Opcode, Payload, crc32c};
+use fabric::frame::{Fragment, Header, Hello, Opcode, Payload, crc32c, flags};
 use fabric::rpc::RpcOptions;
 use fabric::stats::ConnState;
 
@@ -17,6 +17,15 @@ fn hello(addr: Vec<u8>, token: u32) -> Vec<u8> {
     let h = Hello { max_message: 1 << 20, flags: 0, incarnation: 9, token, name: "attacker".into(), addr };
     let payload = h.encode().unwrap();
     let mut frame = Header::new(Opcode::Hello, 0).credits(4).payload(&payload).encode().to_vec();
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// A request frame carrying the piece of `whole` at `offset` as a fragment.
+fn fragment(id: u64, whole: &[u8], offset: usize, len: usize) -> Vec<u8> {
+    let mut payload = Fragment { offset: offset as u64, total: whole.len() as u64 }.encode().to_vec();
+    payload.extend_from_slice(&whole[offset..offset + len]);
+    let mut frame = Header::new(Opcode::Request, id).flag(flags::FRAGMENT).payload(&payload).encode().to_vec();
     frame.extend_from_slice(&payload);
     frame
 }
@@ -96,8 +105,39 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         let granted = u64::from(RpcOptions::default().credits);
         bytes.extend((1..=granted + 1).flat_map(request));
         too_many.write_all(&bytes).unwrap();
+        // Fragments that add up to the whole length but cover half of it twice.
+        let whole: Vec<u8> = (0..20).collect();
+        let mut overlap = open();
+        let mut bytes = hello(Vec::new(), 0);
+        bytes.extend(fragment(3, &whole, 0, 10).into_iter().chain(fragment(3, &whole, 0, 10)));
+        overlap.write_all(&bytes).unwrap();
+        // A well-formed request in fragments sent last piece first: answered whole.
+        let mut reversed = open();
+        let mut bytes = hello(Vec::new(), 0);
+        bytes.extend(fragment(4, &whole, 12, 8).into_iter().chain(fragment(4, &whole, 0, 12)));
+        reversed.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        let start = Instant::now();
+        let answer = loop {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = reversed.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            // The hello-ack, then the response.
+            let ack = Header::decode(&got, 1 << 20).ok().map(|h| 32 + h.length as usize);
+            if let Some(at) = ack.filter(|&at| got.len() > at + 32)
+                && let Ok(h) = Header::decode(&got[at..], 1 << 20)
+                && got.len() >= at + 32 + h.length as usize
+            {
+                assert_eq!((h.opcode, h.request_id), (Opcode::Response, 4));
+                break got[at + 32..at + 32 + h.length as usize].to_vec();
+            }
+            keep_serving(&mut p, &mut served);
+            assert!(start.elapsed() < Duration::from_secs(10), "no answer to the reversed fragments");
+        };
+        assert_eq!(answer, whole, "fragments out of order reassemble");
 
-        serve_until_closed(&mut p, 7, &mut served);
+        serve_until_closed(&mut p, 8, &mut served);
         // Each attacker sees its connection closed by the server.
         for (name, s) in [
             ("garbage", &mut garbage),
@@ -107,6 +147,7 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
             ("no hello", &mut no_hello),
             ("same id", &mut same_id),
             ("too many", &mut too_many),
+            ("overlap", &mut overlap),
         ] {
             let start = Instant::now();
             let mut buf = [0u8; 4096];
@@ -135,10 +176,12 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
             "before the handshake",
             "request id 5 reused while outstanding",
             "more than the 128 outstanding requests it was granted",
+            "fragments of request 3 overlap and leave gaps",
         ] {
             assert!(errors.iter().any(|e| e.contains(want)), "a connection closed for {want:?}: {errors:#?}");
         }
-        assert_eq!(conns.iter().filter(|c| c.state == ConnState::Established).count(), 1, "the good one stays");
+        let open_now = conns.iter().filter(|c| c.state == ConnState::Established).count();
+        assert_eq!(open_now, 2, "the good client and the reversed-fragments one stay");
     });
     for want in [
         "bad magic",

@@ -129,17 +129,33 @@ impl<T: Transport> Rpc<T> {
         let key = (header.request_id, is_response);
         let p = c.partial.entry(key).or_insert_with(|| Partial {
             header: Header { flags: header.flags & !flags::FRAGMENT, credits: 0, ..header },
-            bytes: vec![0u8; f.total as usize],
+            bytes: Vec::with_capacity(f.total as usize),
+            total: f.total,
             received: 0,
         });
-        if p.bytes.len() as u64 != f.total || p.received + piece.len() as u64 > f.total {
+        if p.total != f.total || p.received + piece.len() as u64 > f.total {
             let reason = format!("fragment of request {} disagrees with the earlier ones", header.request_id);
             self.violation(conn, reason);
             return None;
         }
-        p.bytes[f.offset as usize..f.offset as usize + piece.len()].copy_from_slice(piece);
+        // Fragments come in order: appended, with no zeroing ahead of them.
+        // One out of order zero-fills up to where it goes.
+        let (start, end) = (f.offset as usize, f.offset as usize + piece.len());
+        if start == p.bytes.len() {
+            p.bytes.extend_from_slice(piece);
+        } else {
+            if p.bytes.len() < end {
+                p.bytes.resize(end, 0);
+            }
+            p.bytes[start..end].copy_from_slice(piece);
+        }
         p.received += piece.len() as u64;
         if p.received < f.total {
+            return None;
+        }
+        if p.bytes.len() as u64 != f.total {
+            let reason = format!("fragments of request {} overlap and leave gaps", header.request_id);
+            self.violation(conn, reason);
             return None;
         }
         let p = c.partial.remove(&key).expect("present");

@@ -239,7 +239,9 @@ struct BulkIn {
 /// A payload arriving in fragments.
 struct Partial {
     header: Header,
+    /// The bytes up to the furthest fragment yet (gaps zeroed).
     bytes: Vec<u8>,
+    total: u64,
     received: u64,
 }
 
