@@ -131,9 +131,9 @@ impl<T: Transport> Rpc<T> {
             header: Header { flags: header.flags & !flags::FRAGMENT, credits: 0, ..header },
             bytes: Vec::with_capacity(f.total as usize),
             total: f.total,
-            received: 0,
+            ranges: Vec::new(),
         });
-        if p.total != f.total || p.received + piece.len() as u64 > f.total {
+        if p.total != f.total || !p.add_range(f.offset, f.offset + piece.len() as u64) {
             let reason = format!("fragment of request {} disagrees with the earlier ones", header.request_id);
             self.violation(conn, reason);
             return None;
@@ -149,13 +149,7 @@ impl<T: Transport> Rpc<T> {
             }
             p.bytes[start..end].copy_from_slice(piece);
         }
-        p.received += piece.len() as u64;
-        if p.received < f.total {
-            return None;
-        }
-        if p.bytes.len() as u64 != f.total {
-            let reason = format!("fragments of request {} overlap and leave gaps", header.request_id);
-            self.violation(conn, reason);
+        if !p.complete() {
             return None;
         }
         let p = c.partial.remove(&key).expect("present");

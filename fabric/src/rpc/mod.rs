@@ -242,7 +242,35 @@ struct Partial {
     /// The bytes up to the furthest fragment yet (gaps zeroed).
     bytes: Vec<u8>,
     total: u64,
-    received: u64,
+    /// The byte ranges received, sorted, adjacent ones merged: one range
+    /// while fragments come in order.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Partial {
+    /// Records the piece `start..end`; false if it overlaps one received before.
+    fn add_range(&mut self, start: u64, end: u64) -> bool {
+        let i = self.ranges.partition_point(|r| r.1 <= start);
+        if self.ranges.get(i).is_some_and(|r| r.0 < end) {
+            return false;
+        }
+        let joins_prev = i > 0 && self.ranges[i - 1].1 == start;
+        let joins_next = self.ranges.get(i).is_some_and(|r| r.0 == end);
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.ranges[i - 1].1 = self.ranges[i].1;
+                self.ranges.remove(i);
+            }
+            (true, false) => self.ranges[i - 1].1 = end,
+            (false, true) => self.ranges[i].0 = start,
+            (false, false) => self.ranges.insert(i, (start, end)),
+        }
+        true
+    }
+
+    fn complete(&self) -> bool {
+        self.ranges == [(0, self.total)]
+    }
 }
 
 struct Outbound {
@@ -959,6 +987,23 @@ impl<T: Transport> Rpc<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fragment_ranges_merge_and_refuse_overlaps() {
+        let mut p =
+            Partial { header: Header::new(Opcode::Request, 1), bytes: Vec::new(), total: 40, ranges: Vec::new() };
+        assert!(p.add_range(0, 10) && p.add_range(10, 20), "in order");
+        assert_eq!(p.ranges, [(0, 20)], "one range while in order");
+        assert!(p.add_range(30, 40) && p.add_range(25, 30), "out of order, joining the next");
+        assert_eq!(p.ranges, [(0, 20), (25, 40)]);
+        assert!(!p.add_range(15, 25), "overlaps the first");
+        assert!(!p.add_range(20, 26), "overlaps the second");
+        assert!(!p.add_range(0, 5), "a duplicate");
+        assert!(!p.complete());
+        assert!(p.add_range(20, 25), "fills the gap, joining both");
+        assert_eq!(p.ranges, [(0, 40)]);
+        assert!(p.complete());
+    }
 
     #[test]
     fn options_out_of_range_are_refused_by_name() {
