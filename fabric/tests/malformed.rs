@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{Kind, Pair, capture_logs, kinds, now};
-use fabric::frame::{Fragment, Header, Hello, Opcode, Payload, crc32c, flags};
+use fabric::frame::{Fragment, FrameReader, Header, Hello, Opcode, Payload, crc32c, flags};
 use fabric::rpc::RpcOptions;
 use fabric::stats::ConnState;
 
@@ -118,21 +118,19 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         let mut bytes = hello(Vec::new(), 0);
         bytes.extend(fragment(4, &whole, 12, 8).into_iter().chain(fragment(4, &whole, 0, 12)));
         reversed.write_all(&bytes).unwrap();
-        let mut got = Vec::new();
+        let (mut reader, mut frames) = (FrameReader::new(1 << 20), Vec::new());
         let start = Instant::now();
         let answer = loop {
-            let mut buf = [0u8; 4096];
-            if let Ok(n) = reversed.read(&mut buf) {
-                got.extend_from_slice(&buf[..n]);
+            if let Ok(n) = reversed.read(reader.buf()) {
+                reader.advance(n);
+            }
+            while let Some(frame) = reader.next_frame().expect("the server's frames are well formed") {
+                frames.push(frame);
             }
             // The hello-ack, then the response.
-            let ack = Header::decode(&got, 1 << 20).ok().map(|h| 32 + h.length as usize);
-            if let Some(at) = ack.filter(|&at| got.len() > at + 32)
-                && let Ok(h) = Header::decode(&got[at..], 1 << 20)
-                && got.len() >= at + 32 + h.length as usize
-            {
+            if let Some((h, payload)) = frames.get(1) {
                 assert_eq!((h.opcode, h.request_id), (Opcode::Response, 4));
-                break got[at + 32..at + 32 + h.length as usize].to_vec();
+                break payload.to_vec();
             }
             keep_serving(&mut p, &mut served);
             assert!(start.elapsed() < Duration::from_secs(10), "no answer to the reversed fragments");
