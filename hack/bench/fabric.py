@@ -42,6 +42,15 @@ namespace may only choose an algorithm the host allows, so the script adds
 it to the host's tcp_allowed_congestion_control if it is missing (the
 host's own choice stays as it is).
 
+The host places this VM's vCPUs as it likes and moves them every few
+seconds or minutes, and shm's 64 B round trip follows: fastest when cores
+0 and 1 are the two hardware threads of one physical core, about 0.25 us
+when they are separate cores sharing an L3, over 0.8 us across dies. So
+every pair is framed by two probes of the placement (hack/bench/placement.c:
+how much a loop on core 1 slows one on core 0, and a cache line's round
+trip between them), and the results give the ratios by placement too
+("changed" when the two probes of a pair differ).
+
 Each figure is the median of the per-pair
 ratios over --reps pairs (see docs/PERFORMANCE.md, "How we measure"); the
 median round trip of claudefs is recorded too (fi_pingpong reports means).
@@ -192,10 +201,20 @@ def pingpong(provider, size, secs):
     return {"one_way_us": usec, "mb_per_s": mb, "calls_per_s": 1e6 / (2 * usec)}
 
 
-def tcp_echo_binary():
-    out = os.path.join(tempfile.gettempdir(), "claudefs-tcp-echo")
-    run(["gcc", "-O2", "-o", out, os.path.join(ROOT, "hack/bench/tcp_echo.c")])
+def c_binary(name):
+    out = os.path.join(tempfile.gettempdir(), f"claudefs-{name.replace('_', '-')}")
+    run(["gcc", "-O2", "-o", out, os.path.join(ROOT, f"hack/bench/{name}.c"), "-lpthread"])
     return out
+
+
+def placement(binary):
+    """Where the host has put cores 0 and 1 (hack/bench/placement.c): "one core"
+    (the two hardware threads of one physical core), "one L3" (separate cores
+    sharing a cache) or "across dies"."""
+    slowdown, rtt = map(float, run([binary, "0", "1"]).split())
+    if slowdown >= 1.5:
+        return "one core"
+    return "one L3" if rtt < 250 else "across dies"
 
 
 def tcp_echo(binary, size, depth, secs):
@@ -211,24 +230,33 @@ def tcp_echo(binary, size, depth, secs):
     return {"one_way_us": depth * 1e6 / rate / 2, "mb_per_s": 2 * size * rate / 1e6, "calls_per_s": rate}
 
 
-def pairs(reference, ours, reps, keys):
-    """Alternates reference and ours `reps` times: medians of each side and of the per-pair ratios."""
-    refs, mine = [], []
+def pairs(reference, ours, reps, keys, where):
+    """Alternates reference and ours `reps` times: medians of each side and of
+    the per-pair ratios, and the ratios by the host's placement of the two
+    cores (`where()`, probed before and after each pair: "changed" if the
+    two differ)."""
+    refs, mine, places = [], [], []
     for _ in range(reps):
+        before = where()
         refs.append(reference())
         mine.append(ours())
-    out = {}
+        after = where()
+        places.append(before if before == after else "changed")
+    out = {"placements": places}
     for k in keys:
         ratios = [m[k] / r[k] for r, m in zip(refs, mine)]
+        by_place = {p: statistics.median(x for x, q in zip(ratios, places) if q == p) for p in set(places)}
         out[k] = {"reference": statistics.median(r[k] for r in refs), "claudefs": statistics.median(m[k] for m in mine),
-                  "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]}
+                  "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios],
+                  "ratio_by_placement": {p: round(x, 3) for p, x in sorted(by_place.items())}}
     for q in ["rtt_p50_us", "rtt_p99_us"]:
         out[f"claudefs_{q}"] = statistics.median(m.get(q, 0) for m in mine)
     return out
 
 
-def bench(transport, server, reps, secs, echo_bin):
+def bench(transport, server, reps, secs, echo_bin, placement_bin):
     addr = server.addr[transport]
+    where = lambda: placement(placement_bin)
     if transport == "tcp":
         ref = lambda size, depth: tcp_echo(echo_bin, size, depth, secs)
     else:
@@ -237,11 +265,11 @@ def bench(transport, server, reps, secs, echo_bin):
     for size in SIZES:
         print(f"  {transport} {LABEL[size]}", file=sys.stderr, flush=True)
         res["sizes"][str(size)] = pairs(lambda: ref(size, 1), lambda: fabricperf(transport, addr, size, 1, secs), reps,
-                                        ["one_way_us", "mb_per_s"])
+                                        ["one_way_us", "mb_per_s"], where)
     for depth in DEPTHS:
         print(f"  {transport} 64 B x{depth} in flight", file=sys.stderr, flush=True)
         res["rates"][str(depth)] = pairs(lambda: ref(64, depth), lambda: fabricperf(transport, addr, 64, depth, secs),
-                                         reps, ["calls_per_s"])
+                                         reps, ["calls_per_s"], where)
     return res
 
 
@@ -297,6 +325,11 @@ def report(results):
             bw = r["sizes"]["1048576"]["mb_per_s"]["ratio"]
             print(f"\nGoals: latency at 64 B {lat:.2f}x fi_pingpong (goal <= 1.25: {'met' if lat <= 1.25 else 'NOT met'}); "
                   f"bandwidth at 1 MiB {bw:.2f}x (goal >= 0.9: {'met' if bw >= 0.9 else 'NOT met'}).")
+        x = r["sizes"]["64"]
+        if "placements" in x:
+            by = ", ".join(f"{p}: {v:.2f}x ({x['placements'].count(p)} pairs)"
+                           for p, v in x["one_way_us"]["ratio_by_placement"].items())
+            print(f"\n64 B latency by the host's placement of the two cores (hack/bench/placement.c): {by}.")
 
 
 def main():
@@ -330,7 +363,7 @@ def main():
         transports.insert(0, "verbs;ofi_rxm")
     if a.only:
         transports = [t for t in transports if t in a.only.split(",")]
-    echo_bin = tcp_echo_binary()
+    echo_bin, placement_bin = c_binary("tcp_echo"), c_binary("placement")
     results = {"secs": a.secs, "reps": a.reps, "autogroup_nice": a.autogroup_nice, **net,
                "libfabric": listed["libfabric"], "transports": {}}
     for t in transports:
@@ -338,7 +371,7 @@ def main():
         # for each one's poll in every round.
         server = Server([t])
         try:
-            results["transports"][t] = {**bench(t, server, a.reps, a.secs, echo_bin), **net}
+            results["transports"][t] = {**bench(t, server, a.reps, a.secs, echo_bin, placement_bin), **net}
         finally:
             server.stop()
     if os.path.exists(RESULTS) and a.only:

@@ -39,7 +39,8 @@ const RECV_LEN: usize = HEADER_LEN + MAX_INLINE;
 /// Longest wait before a refused send is tried again.
 const MAX_RETRY_NS: u64 = 1_000_000;
 /// Received payloads up to this many bytes are copied into a buffer
-/// allocated ahead ([`OfiTransport::spare`]).
+/// allocated ahead, or kept from a payload sent by inject
+/// ([`OfiTransport::spare`]).
 const SPARE_LEN: usize = 256;
 /// Buffers kept allocated ahead.
 const SPARES: usize = 16;
@@ -137,9 +138,10 @@ pub struct OfiTransport {
     /// Receive buffers read and not posted again yet: they are posted at the
     /// start of the next poll, so that an answer to what they held leaves first.
     repost: Vec<usize>,
-    /// Buffers for small received payloads, allocated at the start of a
-    /// poll, so that no allocation stands between a message's arrival and
-    /// its answer.
+    /// Buffers for small received payloads, so that no allocation stands
+    /// between a message's arrival and its answer: those of payloads sent by
+    /// inject (an echoed request, a call made with a response's payload
+    /// need no new one), topped up with new ones at the start of a poll.
     spare: Vec<Vec<u8>>,
     /// Op slots of reads the provider refused for now.
     reads_waiting: VecDeque<usize>,
@@ -372,8 +374,18 @@ impl OfiTransport {
             let msg = &mut self.scratch[..total];
             header.encode_into(msg);
             msg[HEADER_LEN..].copy_from_slice(&payload);
-            let sent = self.ep.inject(msg, dest, token)?;
-            return Ok((!sent).then_some((header, payload)));
+            if !self.ep.inject(msg, dest, token)? {
+                return Ok(Some((header, payload)));
+            }
+            // The provider copied it: the buffer can hold a received payload next.
+            if let Payload::Heap(mut v) = payload
+                && (SPARE_LEN..=4 * SPARE_LEN).contains(&v.capacity())
+                && self.spare.len() < SPARES
+            {
+                v.clear();
+                self.spare.push(v);
+            }
+            return Ok(None);
         }
         let Some(slot) = self.free_ops.pop() else { return Ok(Some((header, payload))) };
         header.encode_into(&mut self.headers[slot]);
@@ -760,6 +772,41 @@ mod tests {
         assert_eq!(node_service("127.0.0.1:0"), (Some("127.0.0.1"), None));
         assert_eq!(node_service("10.0.0.1:7000"), (Some("10.0.0.1"), Some("7000")));
         assert_eq!(node_service("claudefs-a"), (Some("claudefs-a"), None));
+    }
+
+    #[test]
+    fn the_buffers_of_injected_payloads_are_kept_for_received_ones() {
+        let open = || OfiTransport::open("shm", &TransportConfig::new("shm", None)).unwrap();
+        let (mut a, mut b) = (open(), open());
+        let link = a.connect(pmd::clock::now(), &b.local_addr()).unwrap();
+        let send = |a: &mut OfiTransport, capacity: usize| {
+            let mut v = Vec::with_capacity(capacity);
+            v.extend_from_slice(&[7; 64]);
+            let ptr = v.as_ptr();
+            a.send(link, Header::new(Opcode::Ping, 0).payload(&v), Payload::Heap(v)).unwrap();
+            ptr
+        };
+        send(&mut a, 0);
+        let mut events = Vec::new();
+        // shm sets up its path to a peer on first use, with the peer's help.
+        for _ in 0..1_000_000 {
+            if a.links.get(link).unwrap().queue.is_empty() {
+                break;
+            }
+            a.poll(pmd::clock::now(), &mut events);
+            b.poll(pmd::clock::now(), &mut events);
+        }
+        assert!(a.links.get(link).unwrap().queue.is_empty(), "the first frame left");
+        a.spare.clear();
+        let small = send(&mut a, SPARE_LEN);
+        assert_eq!(a.spare.iter().map(|v| (v.as_ptr(), v.len())).collect::<Vec<_>>(), [(small, 0)], "kept, emptied");
+        send(&mut a, 64 << 10);
+        assert_eq!(a.spare.len(), 1, "a large buffer is not kept for small payloads");
+        while a.spare.len() < SPARES {
+            a.spare.push(Vec::with_capacity(SPARE_LEN));
+        }
+        send(&mut a, SPARE_LEN);
+        assert_eq!(a.spare.len(), SPARES, "no more than SPARES are kept");
     }
 
     #[test]
