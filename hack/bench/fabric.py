@@ -269,7 +269,7 @@ def pairs(reference, ours, reps, keys, where):
 
 def bench(transport, server, reps, secs, echo_bin, placement_bin, want, want_wait):
     addr = server.addr[transport]
-    where = lambda wait=True: placement(placement_bin, want, wait * want_wait)
+    where = lambda wait=True: placement(placement_bin, want if wait else None, want_wait)
     if transport == "tcp":
         ref = lambda size, depth: tcp_echo(echo_bin, size, depth, secs)
     else:
