@@ -512,6 +512,9 @@ pub const MAX_ADDR: usize = 1024;
 pub const HELLO_RMA: u32 = 1 << 0;
 /// Hello flag: the sender checksums bulk payloads and wants them checksummed.
 pub const HELLO_BULK_DIGEST: u32 = 1 << 1;
+/// Hello flag: on a host-local transport, the sender checksums payloads and
+/// wants them checksummed.
+pub const HELLO_LOCAL_DIGEST: u32 = 1 << 2;
 
 /// The payload of `Hello` and `HelloAck`: who the sender is and what it
 /// accepts. The frame's `credits` field carries the sender's initial grant.

@@ -7,19 +7,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Kind, Pair, capture_logs, kinds, now};
-use fabric::frame::{Fragment, FrameReader, Header, Hello, Opcode, Payload, crc32c, flags};
+use common::{Kind, Pair, Raw, capture_logs, hello, keep_serving, kinds, now};
+use fabric::frame::{Fragment, FrameReader, Header, Opcode, crc32c, flags};
 use fabric::rpc::RpcOptions;
 use fabric::stats::ConnState;
-
-/// A valid hello, as a client would open with.
-fn hello(addr: Vec<u8>, token: u32) -> Vec<u8> {
-    let h = Hello { max_message: 1 << 20, flags: 0, incarnation: 9, token, name: "attacker".into(), addr };
-    let payload = h.encode().unwrap();
-    let mut frame = Header::new(Opcode::Hello, 0).credits(4).payload(&payload).encode().to_vec();
-    frame.extend_from_slice(&payload);
-    frame
-}
 
 /// A request frame carrying the piece of `whole` at `offset` as a fragment.
 fn fragment(id: u64, whole: &[u8], offset: usize, len: usize) -> Vec<u8> {
@@ -28,19 +19,6 @@ fn fragment(id: u64, whole: &[u8], offset: usize, len: usize) -> Vec<u8> {
     let mut frame = Header::new(Opcode::Request, id).flag(flags::FRAGMENT).payload(&payload).encode().to_vec();
     frame.extend_from_slice(&payload);
     frame
-}
-
-/// Keeps the good client busy: a new echo whenever the last one finished.
-fn keep_serving(p: &mut Pair, served: &mut usize) {
-    p.step();
-    for c in p.done.drain(..) {
-        assert_eq!(&c.result.unwrap()[..], &c.tag.to_le_bytes(), "{}: the good client is served", p.kind);
-        *served += 1;
-    }
-    if p.client.outstanding() == 0 {
-        let tag = *served as u64;
-        p.call(Payload::copy_from(&tag.to_le_bytes()), tag);
-    }
 }
 
 /// Steps the pair until every closed inbound connection of the server counts
@@ -75,18 +53,18 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         let mut garbage = open();
         garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut bad_crc = open();
-        bad_crc.write_all(&hello(Vec::new(), 0)).unwrap();
+        bad_crc.write_all(&hello(Vec::new(), 0, 0)).unwrap();
         let mut frame = Header::new(Opcode::Request, 1).payload(b"abc").encode();
         frame[10] ^= 0xff;
         bad_crc.write_all(&frame).unwrap();
         let mut truncated = open();
-        truncated.write_all(&hello(Vec::new(), 0)).unwrap();
+        truncated.write_all(&hello(Vec::new(), 0, 0)).unwrap();
         let h = Header::new(Opcode::Request, 1).payload(&[7u8; 1000]).encode();
         truncated.write_all(&h).unwrap();
         truncated.write_all(&[7u8; 10]).unwrap();
         truncated.shutdown(std::net::Shutdown::Write).unwrap();
         let mut bad_payload = open();
-        bad_payload.write_all(&hello(Vec::new(), 0)).unwrap();
+        bad_payload.write_all(&hello(Vec::new(), 0, 0)).unwrap();
         let mut frame = Header::new(Opcode::Request, 1).payload(b"payload").encode().to_vec();
         frame.extend_from_slice(b"PAYLOAD");
         bad_payload.write_all(&frame).unwrap();
@@ -97,25 +75,25 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
         // Requests in one write arrive in one poll, before any is answered.
         let request = |id: u64| Header::new(Opcode::Request, id).encode().to_vec();
         let mut same_id = open();
-        let mut bytes = hello(Vec::new(), 0);
+        let mut bytes = hello(Vec::new(), 0, 0);
         bytes.extend(request(5).into_iter().chain(request(6)).chain(request(5)));
         same_id.write_all(&bytes).unwrap();
         let mut too_many = open();
-        let mut bytes = hello(Vec::new(), 0);
+        let mut bytes = hello(Vec::new(), 0, 0);
         let granted = u64::from(RpcOptions::default().credits);
         bytes.extend((1..=granted + 1).flat_map(request));
         too_many.write_all(&bytes).unwrap();
         // Fragments that add up to the whole length but cover a part twice.
         let whole: Vec<u8> = (0..20).collect();
         let mut overlap = open();
-        let mut bytes = hello(Vec::new(), 0);
+        let mut bytes = hello(Vec::new(), 0, 0);
         bytes.extend(
             fragment(3, &whole, 0, 5).into_iter().chain(fragment(3, &whole, 0, 5)).chain(fragment(3, &whole, 10, 10)),
         );
         overlap.write_all(&bytes).unwrap();
         // A well-formed request in fragments sent last piece first: answered whole.
         let mut reversed = open();
-        let mut bytes = hello(Vec::new(), 0);
+        let mut bytes = hello(Vec::new(), 0, 0);
         bytes.extend(fragment(4, &whole, 12, 8).into_iter().chain(fragment(4, &whole, 0, 12)));
         reversed.write_all(&bytes).unwrap();
         let (mut reader, mut frames) = (FrameReader::new(1 << 20), Vec::new());
@@ -197,67 +175,6 @@ fn bad_bytes_on_tcp_close_only_their_connection() {
     }
 }
 
-/// A raw libfabric endpoint, to send what a well-behaved transport never would.
-struct Raw {
-    ep: fabric::ofi::Endpoint,
-    dest: u64,
-    buf: Box<[u8]>,
-}
-
-impl Raw {
-    fn new(provider: &str, server: &str) -> Raw {
-        use fabric::ofi::{EndpointOptions, InfoList, Query};
-        let node = (provider != "shm").then_some("127.0.0.1");
-        let list =
-            InfoList::get(&Query { provider: Some(provider), node, service: None, rma: false }).unwrap().unwrap();
-        let mut ep =
-            fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
-        let raw = match server.parse::<std::net::SocketAddr>() {
-            Ok(sa) => {
-                let std::net::IpAddr::V4(ip) = sa.ip() else { panic!("IPv4 loopback expected") };
-                let mut b = (libc::AF_INET as u16).to_ne_bytes().to_vec();
-                b.extend_from_slice(&sa.port().to_be_bytes());
-                b.extend_from_slice(&ip.octets());
-                b.extend_from_slice(&[0u8; 8]);
-                b
-            }
-            Err(_) => format!("{server}\0").into_bytes(),
-        };
-        let dest = ep.av_insert(&raw).unwrap();
-        let mut buf = vec![0u8; 65536].into_boxed_slice();
-        // SAFETY: the buffer lives in the returned Raw, which drops the endpoint first.
-        unsafe { ep.post_recv(0, buf.as_mut_ptr(), buf.len()) }.unwrap();
-        Raw { ep, dest, buf }
-    }
-
-    /// Sends `bytes` with remote CQ data `token`, stepping `p` until the provider takes it.
-    fn send(&mut self, p: &mut Pair, bytes: &[u8], token: u32, served: &mut usize) {
-        let start = Instant::now();
-        while !self.ep.inject(bytes, self.dest, token).unwrap_or(false) {
-            let mut v = Vec::new();
-            let _ = self.ep.cq_read(&mut v);
-            keep_serving(p, served);
-            assert!(start.elapsed() < Duration::from_secs(10), "the provider never took the message");
-        }
-    }
-
-    /// Waits for the server's hello-ack and returns the token it gave us.
-    fn hello_ack_token(&mut self, p: &mut Pair, served: &mut usize) -> u32 {
-        let start = Instant::now();
-        loop {
-            let mut v = Vec::new();
-            let _ = self.ep.cq_read(&mut v);
-            if let Some(c) = v.first() {
-                let h = Header::decode(&self.buf[..c.len], 1 << 20).unwrap();
-                assert_eq!(h.opcode, Opcode::HelloAck);
-                return Hello::decode(&self.buf[32..c.len]).unwrap().token;
-            }
-            keep_serving(p, served);
-            assert!(start.elapsed() < Duration::from_secs(10), "no hello-ack");
-        }
-    }
-}
-
 #[test]
 fn bad_messages_on_libfabric_close_only_their_connection() {
     for kind in kinds().into_iter().filter(|k| *k != Kind::Tcp) {
@@ -275,13 +192,13 @@ fn bad_messages_on_libfabric_close_only_their_connection() {
             // A proper hello, then garbage tagged with the token the server gave us.
             let mut bad = Raw::new(provider, &server);
             let addr = bad.ep.name().to_vec();
-            bad.send(&mut p, &hello(addr, 77), 0, &mut served);
+            bad.send(&mut p, &hello(addr, 77, 0), 0, &mut served);
             let token = bad.hello_ack_token(&mut p, &mut served);
             bad.send(&mut p, b"not a frame: nonsense, nonsense, nonsense", token, &mut served);
             // A proper hello, then a frame announcing more than it carries.
             let mut cut = Raw::new(provider, &server);
             let addr = cut.ep.name().to_vec();
-            cut.send(&mut p, &hello(addr, 78), 0, &mut served);
+            cut.send(&mut p, &hello(addr, 78, 0), 0, &mut served);
             let token = cut.hello_ack_token(&mut p, &mut served);
             let mut frame = Header::new(Opcode::Request, 5).payload(&[1u8; 100]).encode().to_vec();
             frame.extend_from_slice(&[1u8; 10]);

@@ -5,12 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Kind, Pair, kinds, now};
+use common::{Kind, Pair, Raw, hello, kinds, now};
 use fabric::FabricError;
-use fabric::frame::{BULK_THRESHOLD, FRAGMENT_PREFIX, HEADER_LEN, MAX_INLINE, Payload, crc32c};
+use fabric::frame::{
+    BULK_THRESHOLD, FRAGMENT_PREFIX, HEADER_LEN, HELLO_LOCAL_DIGEST, Header, MAX_INLINE, Opcode, Payload, crc32c, flags,
+};
 use fabric::rpc::{Event, RpcOptions};
 use fabric::stats::ConnState;
-use fabric::transport::Transport;
+use fabric::transport::{AnyTransport, Transport};
 
 const MIB: usize = 1 << 20;
 
@@ -331,5 +333,52 @@ fn a_client_reconnects_when_its_server_comes_back() {
         assert_eq!(&answer.unwrap()[..], b"two", "{kind}");
         assert_ne!(client.peer(conn).unwrap().incarnation, incarnation, "{kind}: it is the new server");
         assert!(client.stats().connections()[0].reconnects >= 1);
+    }
+}
+
+#[test]
+fn payloads_on_shm_are_checksummed_only_when_either_side_asks() {
+    for kind in kinds().into_iter().filter(|k| *k != Kind::Tcp) {
+        let Kind::Ofi(provider) = kind else { unreachable!() };
+        for (server_asks, client_asks) in [(false, false), (false, true), (true, false)] {
+            let server = RpcOptions { local_digest: server_asks, ..Default::default() };
+            let mut p = Pair::new(kind, server, RpcOptions::default());
+            let mut served = 0;
+            // A raw client, to see the flags of the server's answer.
+            let mut raw = Raw::new(provider, &p.server.local_addr());
+            let addr = raw.ep.name().to_vec();
+            raw.send(&mut p, &hello(addr, 5, if client_asks { HELLO_LOCAL_DIGEST } else { 0 }), 0, &mut served);
+            let token = raw.hello_ack_token(&mut p, &mut served);
+            let body = [3u8; 64];
+            let mut request = Header::new(Opcode::Request, 1).method(1).payload(&body).encode().to_vec();
+            request.extend_from_slice(&body);
+            raw.send(&mut p, &request, token, &mut served);
+            let (h, payload) = raw.next_frame(&mut p, &mut served);
+            assert_eq!((h.opcode, &payload[..]), (Opcode::Response, &body[..]), "{kind}: the echo");
+            let digest = provider != "shm" || server_asks || client_asks;
+            let what = format!("{kind}: the server asks {server_asks}, the client {client_asks}");
+            assert_eq!(h.has(flags::DIGEST), digest, "{what}");
+            assert_eq!(h.payload_crc, if digest { crc32c(&body) } else { 0 }, "{what}");
+        }
+    }
+}
+
+#[test]
+fn libfabric_receive_buffers_take_many_messages_each_and_are_posted_again() {
+    for kind in kinds().into_iter().filter(|k| *k != Kind::Tcp) {
+        let mut p = Pair::new(kind, RpcOptions::default(), RpcOptions::default());
+        for rpc in [&p.server, &p.client] {
+            let AnyTransport::Ofi(t) = rpc.transport() else { unreachable!() };
+            assert!(t.multi_recv(), "{kind}: multi-receive buffers");
+        }
+        // Three times the receive buffers' room (64 frames of 64 KiB by default) each
+        // way, 100 calls at a time: mostly small payloads, some of the largest frame.
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut total = 0;
+        while total < 3 * 64 * 65536 {
+            let sizes: Vec<usize> =
+                (0..100).map(|_| if rng.u8(..) < 16 { MAX_INLINE } else { rng.usize(0..4000) }).collect();
+            total += echo_sizes(&mut p, &sizes, rng.u64(..));
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{Completion, ConnId, Event, PeerInfo, Rpc, ms};
 use crate::error::FabricError;
-use crate::frame::{HELLO_BULK_DIGEST, HELLO_RMA, Header, Hello, Opcode, Payload};
+use crate::frame::{HELLO_BULK_DIGEST, HELLO_LOCAL_DIGEST, HELLO_RMA, Header, Hello, Opcode, Payload};
 use crate::stats::{ConnState, ConnStats};
 use crate::transport::Transport;
 
@@ -13,7 +13,9 @@ impl<T: Transport> Rpc<T> {
         let Some(link) = self.conns.get(conn).and_then(|c| c.link) else { return };
         let hello = Hello {
             max_message: self.opts.max_message,
-            flags: if self.t.rma() { HELLO_RMA } else { 0 } | if self.opts.bulk_digest { HELLO_BULK_DIGEST } else { 0 },
+            flags: if self.t.rma() { HELLO_RMA } else { 0 }
+                | if self.opts.bulk_digest { HELLO_BULK_DIGEST } else { 0 }
+                | if self.opts.local_digest { HELLO_LOCAL_DIGEST } else { 0 },
             incarnation: self.incarnation,
             token: self.t.token(link),
             name: self.opts.name.clone(),
@@ -47,6 +49,7 @@ impl<T: Transport> Rpc<T> {
             max_message: hello.max_message,
             rma: hello.flags & HELLO_RMA != 0,
             bulk_digest: hello.flags & HELLO_BULK_DIGEST != 0,
+            local_digest: hello.flags & HELLO_LOCAL_DIGEST != 0,
         };
         if restarted && c.state == ConnState::Established {
             // The peer restarted behind the same address (a connectionless

@@ -27,8 +27,10 @@
 //! the bytes cross once, without copies through receive buffers. On a stream
 //! (TCP) they go inline in one frame; on a message transport without RMA they
 //! are cut into 64 KiB fragments. Bulk payloads are checksummed only when
-//! [`RpcOptions::bulk_digest`] asks (file data is protected end to end above
-//! this layer); everything else always is.
+//! either side asks ([`RpcOptions::bulk_digest`]: file data is protected end
+//! to end above this layer). Other payloads are, except on a host-local
+//! transport ([`Transport::host_local`]: shm, where they cross no wire),
+//! unless either side asks ([`RpcOptions::local_digest`]). Headers always are.
 //!
 //! Smaller payloads go in one frame, except those just over the transport's
 //! eager size ([`Transport::eager_payload`]: shm's inject size, rxm's eager
@@ -83,6 +85,9 @@ pub struct RpcOptions {
     pub reconnect_backoff_max_ms: u64,
     /// Checksum bulk payloads too (both sides must agree to skip it).
     pub bulk_digest: bool,
+    /// Checksum payloads on a host-local transport (shm) too, where they
+    /// cross only this host's memory (both sides must agree to skip it).
+    pub local_digest: bool,
     /// Calls that may wait for credits per connection.
     pub max_queued: usize,
     /// How often a sleeping reactor wakes to check deadlines (ms): the
@@ -105,6 +110,7 @@ impl Default for RpcOptions {
             reconnect_backoff_ms: 100,
             reconnect_backoff_max_ms: 5_000,
             bulk_digest: false,
+            local_digest: false,
             max_queued: 65_536,
             timer_ms: 10,
         }
@@ -149,6 +155,8 @@ pub struct PeerInfo {
     pub rma: bool,
     /// It wants bulk payloads checksummed.
     pub bulk_digest: bool,
+    /// It wants payloads checksummed on a host-local transport.
+    pub local_digest: bool,
 }
 
 /// A request to serve. Answer it with [`Rpc::respond`] (exactly once).
@@ -321,6 +329,9 @@ impl Conn {
 pub struct Rpc<T: Transport = AnyTransport> {
     t: T,
     opts: RpcOptions,
+    /// Whether we checksum payloads below the bulk size whatever the peer
+    /// asks: off a host-local transport, or when the options ask.
+    inline_digest: bool,
     incarnation: u64,
     conns: Slab<Conn>,
     by_link: LinkMap,
@@ -490,6 +501,7 @@ impl<T: Transport> Rpc<T> {
         opts.check()?;
         let stats = Arc::new(EndpointStats::new(t.name().to_string(), t.local_addr()));
         Ok(Self {
+            inline_digest: !t.host_local() || opts.local_digest,
             t,
             opts,
             incarnation: fastrand::u64(1..),
@@ -872,7 +884,10 @@ impl<T: Transport> Rpc<T> {
         let Some(c) = self.conns.get(conn) else { return };
         let len = payload.len();
         let bulk = len >= BULK_THRESHOLD;
-        let digest = !bulk || self.opts.bulk_digest || c.peer.as_ref().is_some_and(|p| p.bulk_digest);
+        let digest = match bulk {
+            true => self.opts.bulk_digest || c.peer.as_ref().is_some_and(|p| p.bulk_digest),
+            false => self.inline_digest || c.peer.as_ref().is_some_and(|p| p.local_digest),
+        };
         let (eager, max) = (self.t.eager_payload(), self.t.max_frame_payload());
         let eager_fragments =
             len > eager && len <= max && len <= EAGER_FRAGMENTS.saturating_mul(eager.saturating_add(frame::HEADER_LEN));

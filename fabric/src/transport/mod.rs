@@ -88,6 +88,11 @@ pub trait Transport {
     }
     /// Whether payloads can be exposed for, and fetched by, RMA reads.
     fn rma(&self) -> bool;
+    /// Whether frames only ever cross this host's memory (shm): no wire or
+    /// NIC that could corrupt them, so payload checksums are optional.
+    fn host_local(&self) -> bool {
+        false
+    }
 
     /// Starts connecting to `addr`; [`TransportEvent::Connected`] or
     /// [`TransportEvent::Closed`] follows.
@@ -320,6 +325,9 @@ impl Transport for AnyTransport {
     }
     fn rma(&self) -> bool {
         dispatch!(self, t => t.rma())
+    }
+    fn host_local(&self) -> bool {
+        dispatch!(self, t => t.host_local())
     }
     fn connect(&mut self, now: u64, addr: &str) -> Result<LinkId, FabricError> {
         dispatch!(self, t => t.connect(now, addr))

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use fabric::frame::Payload;
+use fabric::frame::{HEADER_LEN, Header, Hello, Opcode, Payload};
 use fabric::rpc::{CallId, Completion, ConnId, Event, Rpc, RpcOptions};
 use fabric::transport::TransportConfig;
 
@@ -202,4 +202,97 @@ pub fn capture_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
     let r = tracing::subscriber::with_default(subscriber, f);
     let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
     (r, text)
+}
+
+/// A valid hello, as a client would open with (hello `flags`: `frame::HELLO_*`).
+pub fn hello(addr: Vec<u8>, token: u32, flags: u32) -> Vec<u8> {
+    let h = Hello { max_message: 1 << 20, flags, incarnation: 9, token, name: "raw".into(), addr };
+    let payload = h.encode().unwrap();
+    let mut frame = Header::new(Opcode::Hello, 0).credits(4).payload(&payload).encode().to_vec();
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Keeps the pair's client busy: a new echo whenever the last one finished.
+pub fn keep_serving(p: &mut Pair, served: &mut usize) {
+    p.step();
+    for c in p.done.drain(..) {
+        assert_eq!(&c.result.unwrap()[..], &c.tag.to_le_bytes(), "{}: the good client is served", p.kind);
+        *served += 1;
+    }
+    if p.client.outstanding() == 0 {
+        let tag = *served as u64;
+        p.call(Payload::copy_from(&tag.to_le_bytes()), tag);
+    }
+}
+
+/// A raw libfabric endpoint, to send what a well-behaved transport never
+/// would and to see frames as they arrive.
+pub struct Raw {
+    pub ep: fabric::ofi::Endpoint,
+    dest: u64,
+    buf: Box<[u8]>,
+}
+
+impl Raw {
+    pub fn new(provider: &str, server: &str) -> Raw {
+        use fabric::ofi::{EndpointOptions, InfoList, Query};
+        let node = (provider != "shm").then_some("127.0.0.1");
+        let q = Query { provider: Some(provider), node, service: None, rma: false, multi_recv: false };
+        let list = InfoList::get(&q).unwrap().unwrap();
+        let mut ep =
+            fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
+        let raw = match server.parse::<std::net::SocketAddr>() {
+            Ok(sa) => {
+                let std::net::IpAddr::V4(ip) = sa.ip() else { panic!("IPv4 loopback expected") };
+                let mut b = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+                b.extend_from_slice(&sa.port().to_be_bytes());
+                b.extend_from_slice(&ip.octets());
+                b.extend_from_slice(&[0u8; 8]);
+                b
+            }
+            Err(_) => format!("{server}\0").into_bytes(),
+        };
+        let dest = ep.av_insert(&raw).unwrap();
+        let mut buf = vec![0u8; 65536].into_boxed_slice();
+        // SAFETY: the buffer lives in the returned Raw, which drops the endpoint first.
+        unsafe { ep.post_recv(0, buf.as_mut_ptr(), buf.len()) }.unwrap();
+        Raw { ep, dest, buf }
+    }
+
+    /// Sends `bytes` with remote CQ data `token`, stepping `p` until the provider takes it.
+    pub fn send(&mut self, p: &mut Pair, bytes: &[u8], token: u32, served: &mut usize) {
+        let start = Instant::now();
+        while !self.ep.inject(bytes, self.dest, token).unwrap_or(false) {
+            let mut v = Vec::new();
+            let _ = self.ep.cq_read(&mut v);
+            keep_serving(p, served);
+            assert!(start.elapsed() < Duration::from_secs(10), "the provider never took the message");
+        }
+    }
+
+    /// The next frame that arrives (header and payload), stepping `p` meanwhile.
+    pub fn next_frame(&mut self, p: &mut Pair, served: &mut usize) -> (Header, Vec<u8>) {
+        let start = Instant::now();
+        loop {
+            let mut v = Vec::new();
+            let _ = self.ep.cq_read(&mut v);
+            if let Some(c) = v.first() {
+                let frame = self.buf[..c.len].to_vec();
+                // SAFETY: as in `new`.
+                unsafe { self.ep.post_recv(0, self.buf.as_mut_ptr(), self.buf.len()) }.unwrap();
+                let h = Header::decode(&frame, 1 << 20).unwrap();
+                return (h, frame[HEADER_LEN..].to_vec());
+            }
+            keep_serving(p, served);
+            assert!(start.elapsed() < Duration::from_secs(10), "no frame arrived");
+        }
+    }
+
+    /// Waits for the server's hello-ack and returns the token it gave us.
+    pub fn hello_ack_token(&mut self, p: &mut Pair, served: &mut usize) -> u32 {
+        let (h, payload) = self.next_frame(p, served);
+        assert_eq!(h.opcode, Opcode::HelloAck);
+        Hello::decode(&payload).unwrap().token
+    }
 }
