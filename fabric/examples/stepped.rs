@@ -15,7 +15,7 @@ use fabric::transport::TransportConfig;
 use fabric::transport::ofi::unique_shm_name;
 
 fn raw_endpoint(name: &str) -> Endpoint {
-    let q = Query { provider: Some("shm"), node: Some(name), service: None, rma: false, multi_recv: false };
+    let q = Query { provider: Some("shm"), node: Some(name), service: None, rma: false };
     let list = InfoList::get(&q).unwrap().expect("libfabric offers shm");
     Endpoint::open(list, EndpointOptions { cq_size: 128, slots: 8, wait_fd: false }).unwrap()
 }

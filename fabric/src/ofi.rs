@@ -71,9 +71,6 @@ pub struct Query<'a> {
     pub service: Option<&'a str>,
     /// Require RMA reads of registered memory.
     pub rma: bool,
-    /// Require multi-receive buffers (`FI_MULTI_RECV`): one posted buffer
-    /// takes message after message ([`Endpoint::post_recv_multi`]).
-    pub multi_recv: bool,
 }
 
 /// Capabilities every endpoint needs: messages. (Each message names its
@@ -156,8 +153,7 @@ impl Hints {
         // SAFETY: `raw` and its attribute pointers were allocated by fi_allocinfo and are exclusively ours.
         unsafe {
             let h = &mut *raw;
-            h.caps =
-                BASE_CAPS | if q.rma { RMA_CAPS } else { 0 } | if q.multi_recv { sys::FI_MULTI_RECV as u64 } else { 0 };
+            h.caps = BASE_CAPS | if q.rma { RMA_CAPS } else { 0 };
             // We always pass an fi_context2 per operation and post a buffer for every
             // message, so these modes cost nothing.
             h.mode = sys::FI_CONTEXT | sys::FI_CONTEXT2 | sys::FI_RX_CQ_DATA;
@@ -324,17 +320,10 @@ pub const CQ_BATCH: usize = 64;
 pub struct Completion {
     /// The operation slot given when it was posted.
     pub slot: usize,
-    /// Bytes received (receives only; 0 for a multi-receive buffer's
-    /// release that carries no message).
+    /// Bytes received (receives only).
     pub len: usize,
-    /// Where the received message starts (receives only): the posted
-    /// buffer, or a place in a multi-receive buffer.
-    pub addr: usize,
     /// The remote CQ data the sender attached (receives only).
     pub data: Option<u64>,
-    /// A multi-receive buffer is released: the provider writes no more into
-    /// it, and it may be posted again once what it holds has been read.
-    pub released: bool,
 }
 
 /// A failed operation, as read from the CQ's error queue.
@@ -344,8 +333,6 @@ pub struct CompletionError {
     pub slot: Option<usize>,
     /// The error, ready to show.
     pub error: FabricError,
-    /// As in [`Completion::released`].
-    pub released: bool,
 }
 
 /// Access rights of a memory registration.
@@ -589,49 +576,6 @@ impl Endpoint {
         check("fi_recv", "posting a receive buffer", ret as i64)
     }
 
-    /// Whether multi-receive buffers were granted ([`Query::multi_recv`]).
-    pub fn multi_recv(&self) -> bool {
-        self.info.iter().next().is_some_and(|i| i.0.caps & sys::FI_MULTI_RECV as u64 != 0)
-    }
-
-    /// Sets the room below which the provider releases a multi-receive
-    /// buffer: the largest message it must still take whole.
-    pub fn set_min_multi_recv(&mut self, len: usize) -> Result<(), FabricError> {
-        // SAFETY: FI_OPT_MIN_MULTI_RECV takes a size_t, read during the call.
-        let ret = unsafe {
-            sys::fi_setopt(
-                self.ep.fid(),
-                sys::FI_OPT_ENDPOINT as i32,
-                sys::FI_OPT_MIN_MULTI_RECV as i32,
-                (&raw const len).cast(),
-                std::mem::size_of::<usize>(),
-            )
-        };
-        check("fi_setopt", "FI_OPT_MIN_MULTI_RECV", ret)
-    }
-
-    /// Posts `buf` as a multi-receive buffer for slot `slot`: messages land
-    /// in it one after another ([`Completion::addr`]) until the provider
-    /// releases it ([`Completion::released`]).
-    ///
-    /// # Safety
-    /// `buf` must be valid for writes of `len` bytes until the slot's
-    /// release is read or the endpoint is dropped.
-    pub unsafe fn post_recv_multi(&mut self, slot: usize, buf: *mut u8, len: usize) -> Result<(), FabricError> {
-        let iov = libc::iovec { iov_base: buf.cast(), iov_len: len };
-        let msg = sys::fi_msg {
-            msg_iov: (&raw const iov).cast(),
-            desc: ptr::null_mut(),
-            iov_count: 1,
-            addr: sys::FI_ADDR_UNSPEC,
-            context: self.context(slot),
-            data: 0,
-        };
-        // SAFETY: the caller keeps buf valid; fi_recvmsg copies the message and its iovec.
-        let ret = unsafe { sys::fi_recvmsg(self.ep.0.as_ptr(), &msg, sys::FI_MULTI_RECV as u64) };
-        check("fi_recvmsg", "posting a multi-receive buffer", ret as i64)
-    }
-
     /// Sends `parts` (at most 2) to `dest` as one message with remote CQ data
     /// `data`, for operation `slot`. `Ok(false)`: the send queue is full, try
     /// again after reading completions.
@@ -801,8 +745,7 @@ impl Endpoint {
                     continue;
                 };
                 let data = (e.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0).then_some(e.data);
-                let released = e.flags & sys::FI_MULTI_RECV as u64 != 0;
-                out.push(Completion { slot, len: e.len, addr: e.buf as usize, data, released });
+                out.push(Completion { slot, len: e.len, data });
             }
             return Ok(());
         }
@@ -810,18 +753,13 @@ impl Endpoint {
             return Ok(());
         }
         if ret != -(sys::FI_EAVAIL as isize) {
-            return Err(CompletionError {
-                slot: None,
-                error: ofi_err("fi_cq_read", self.provider(), ret),
-                released: false,
-            });
+            return Err(CompletionError { slot: None, error: ofi_err("fi_cq_read", self.provider(), ret) });
         }
         let mut err = sys::fi_cq_err_entry::default();
         // SAFETY: err is a writable fi_cq_err_entry.
         let ret = unsafe { sys::fi_cq_readerr(self.cq.0.as_ptr(), &mut err, 0) };
         if ret < 0 {
-            let error = ofi_err("fi_cq_readerr", self.provider(), ret);
-            return Err(CompletionError { slot: None, error, released: false });
+            return Err(CompletionError { slot: None, error: ofi_err("fi_cq_readerr", self.provider(), ret) });
         }
         let mut text = [0u8; 256];
         // SAFETY: err_data comes from this CQ; text is writable for its length.
@@ -837,7 +775,6 @@ impl Endpoint {
                 code: err.err.abs(),
                 message: strerror(err.err),
             },
-            released: err.flags & sys::FI_MULTI_RECV as u64 != 0,
         })
     }
 

@@ -17,7 +17,7 @@ fn open(kind: Kind) -> Endpoint {
     let Kind::Ofi(provider) = kind else { unreachable!("libfabric kinds only") };
     let name = common::listen_addr(kind);
     let node = if provider == "shm" { name.as_str() } else { "127.0.0.1" };
-    let q = Query { provider: Some(provider), node: Some(node), service: None, rma: true, multi_recv: false };
+    let q = Query { provider: Some(provider), node: Some(node), service: None, rma: true };
     let list = InfoList::get(&q).unwrap().unwrap_or_else(|| panic!("{provider} offers no RMA endpoint"));
     let ep = Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 4, wait_fd: false }).unwrap();
     assert!(ep.rma(), "{provider}: RMA was asked for");

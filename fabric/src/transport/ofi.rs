@@ -36,9 +36,6 @@ use crate::slab::Slab;
 
 /// Bytes of one receive buffer: the largest inline frame.
 const RECV_LEN: usize = HEADER_LEN + MAX_INLINE;
-/// A multi-receive buffer has room for this many of the largest frames
-/// (and for thousands of small ones).
-const MULTI_FRAMES: usize = 16;
 /// Longest wait before a refused send is tried again.
 const MAX_RETRY_NS: u64 = 1_000_000;
 /// Received payloads up to this many bytes are copied into a buffer
@@ -127,11 +124,7 @@ impl Link {
 pub struct OfiTransport {
     // Dropped first: closing the endpoint ends every operation that uses the buffers below.
     ep: ofi::Endpoint,
-    /// Receive buffers (op slots `0..recv.len()`): one message each, or,
-    /// with `multi`, multi-receive buffers that take messages until the
-    /// provider releases them (no buffer to post again per message).
     recv: Vec<DmaBuf>,
-    multi: bool,
     ops: Vec<Option<Op>>,
     /// Header bytes of the send in each op slot (stable while the send is in flight).
     headers: Box<[[u8; HEADER_LEN]]>,
@@ -248,18 +241,15 @@ impl OfiTransport {
         let generated = (provider == "shm" && opts.address.is_none()).then(unique_shm_name);
         let address = opts.address.as_deref().or(generated.as_deref());
         let (node, service) = address.map_or((None, None), node_service);
+        let query = |rma| Query { provider: Some(provider), node, service, rma };
         let no_match = |reason: String| FabricError::NoProvider { wanted: provider.to_string(), reason };
-        // The most wanted first: RMA (if asked for) and multi-receive buffers, then without each.
-        let mut list = None;
-        for (rma, multi_recv) in [(true, true), (true, false), (false, true), (false, false)] {
-            if rma && !opts.rma {
-                continue;
-            }
-            list = InfoList::get(&Query { provider: Some(provider), node, service, rma, multi_recv })?;
-            if list.is_some() {
-                break;
-            }
-        }
+        let list = match opts.rma {
+            true => match InfoList::get(&query(true))? {
+                Some(l) => Some(l),
+                None => InfoList::get(&query(false))?,
+            },
+            false => InfoList::get(&query(false))?,
+        };
         let list = list.ok_or_else(|| {
             no_match(format!(
                 "fi_getinfo offers no reliable-datagram endpoint with messages and remote CQ data{} (see `fi_info -l`)",
@@ -268,19 +258,8 @@ impl OfiTransport {
         })?;
         let recv_buffers = opts.recv_buffers.max(1);
         let slots = recv_buffers + opts.op_slots.max(1);
-        let mut ep =
-            ofi::Endpoint::open(list, EndpointOptions { cq_size: slots.max(128), slots, wait_fd: opts.wait_fd })?;
+        let ep = ofi::Endpoint::open(list, EndpointOptions { cq_size: slots.max(128), slots, wait_fd: opts.wait_fd })?;
         let provider = ep.provider();
-        // Multi-receive buffers, released while they still have room for the largest frame.
-        let multi = ep.multi_recv()
-            && ep
-                .set_min_multi_recv(RECV_LEN)
-                .map_err(|e| tracing::info!(%provider, "one buffer per message: {e}"))
-                .is_ok();
-        let (buffers, buffer_len) = match multi {
-            true => (recv_buffers.div_ceil(MULTI_FRAMES).max(2), MULTI_FRAMES * RECV_LEN),
-            false => (recv_buffers, RECV_LEN),
-        };
         let local = if ep.string_addresses() {
             String::from_utf8_lossy(ep.name()).trim_end_matches('\0').to_string()
         } else {
@@ -293,8 +272,7 @@ impl OfiTransport {
             rma: opts.rma && ep.rma(),
             inject_size: ep.inject_size(),
             eager,
-            recv: Vec::with_capacity(buffers),
-            multi,
+            recv: Vec::with_capacity(recv_buffers),
             ops: (0..slots).map(|_| None).collect(),
             headers: vec![[0u8; HEADER_LEN]; slots].into_boxed_slice(),
             free_ops: (recv_buffers..slots).rev().collect(),
@@ -303,7 +281,7 @@ impl OfiTransport {
             exposed: Slab::default(),
             pending: Vec::new(),
             backlog: Vec::new(),
-            repost: Vec::with_capacity(buffers),
+            repost: Vec::with_capacity(recv_buffers),
             spare: Vec::with_capacity(SPARES),
             reads_waiting: VecDeque::new(),
             completions: Vec::with_capacity(64),
@@ -315,13 +293,13 @@ impl OfiTransport {
             now: 0,
             ep,
         };
-        for slot in 0..buffers {
+        for slot in 0..recv_buffers {
             let buf =
-                DmaBuf::new(buffer_len).map_err(|e| FabricError::Memory { len: buffer_len, reason: e.to_string() })?;
+                DmaBuf::new(RECV_LEN).map_err(|e| FabricError::Memory { len: RECV_LEN, reason: e.to_string() })?;
             t.recv.push(buf);
             t.post_recv(slot)?;
         }
-        tracing::debug!(provider = %t.provider, local = %t.local, rma = t.rma, multi, inject = t.inject_size, "libfabric endpoint open");
+        tracing::debug!(provider = %t.provider, local = %t.local, rma = t.rma, inject = t.inject_size, "libfabric endpoint open");
         Ok(t)
     }
 
@@ -330,22 +308,12 @@ impl OfiTransport {
         self.rejected
     }
 
-    /// Whether receive buffers are multi-receive buffers (else one message each).
-    pub fn multi_recv(&self) -> bool {
-        self.multi
-    }
-
     fn post_recv(&mut self, slot: usize) -> Result<(), FabricError> {
         let buf = &mut self.recv[slot];
         let (ptr, len) = (buf.as_mut_ptr(), buf.len());
         // SAFETY: the buffer lives in self.recv until the endpoint (dropped first) is closed,
-        // and is not touched until this slot's completion (its release, if multi) is read.
-        unsafe {
-            match self.multi {
-                true => self.ep.post_recv_multi(slot, ptr, len),
-                false => self.ep.post_recv(slot, ptr, len),
-            }
-        }
+        // and is not touched until this slot's completion is read.
+        unsafe { self.ep.post_recv(slot, ptr, len) }
     }
 
     fn peer_text(&self, addr: &[u8]) -> String {
@@ -499,19 +467,13 @@ impl OfiTransport {
         tracing::warn!(provider = %self.provider, local = %self.local, "dropped a message from an unknown sender: {why}");
     }
 
-    /// Handles one received message, of `c.len` bytes in receive buffer `c.slot`.
-    fn on_recv(&mut self, c: &ofi::Completion, now: u64, events: &mut Vec<TransportEvent>) {
-        let buf = &self.recv[c.slot];
-        // Where in the buffer: a multi-receive buffer holds message after message.
-        let start = if self.multi { c.addr.wrapping_sub(buf.as_ptr() as usize) } else { 0 };
-        let Some(bytes) = buf.get(start..start.saturating_add(c.len)) else {
-            let why = format!("a completion of {} bytes at {start} in a {}-byte receive buffer", c.len, buf.len());
-            return tracing::error!(provider = %self.provider, "ignored {why}");
-        };
-        let known = c.data.and_then(|d| self.links.find_short(d as u32)).map(|(link, l)| {
+    /// Handles one received message in receive buffer `slot`.
+    fn on_recv(&mut self, slot: usize, len: usize, data: Option<u64>, now: u64, events: &mut Vec<TransportEvent>) {
+        let known = data.and_then(|d| self.links.find_short(d as u32)).map(|(link, l)| {
             l.last_rx = now;
             link
         });
+        let bytes = &self.recv[slot][..len.min(RECV_LEN)];
         let parsed = Header::decode(bytes, MAX_INLINE as u32).and_then(|h| {
             let body = &bytes[HEADER_LEN..];
             if body.len() > h.length as usize {
@@ -678,13 +640,8 @@ impl Transport for OfiTransport {
             let got = completions.len();
             for c in completions.drain(..) {
                 if c.slot < self.recv.len() {
-                    // (A multi-receive buffer's release may come alone, without a message.)
-                    if !(self.multi && c.released && c.len == 0) {
-                        self.on_recv(&c, now, events);
-                    }
-                    if c.released || !self.multi {
-                        self.repost.push(c.slot);
-                    }
+                    self.on_recv(c.slot, c.len, c.data, now, events);
+                    self.repost.push(c.slot);
                     continue;
                 }
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -709,9 +666,7 @@ impl Transport for OfiTransport {
                     };
                     if slot < self.recv.len() {
                         tracing::warn!(provider = %self.provider, "a receive failed: {}", err.error);
-                        if err.released || !self.multi {
-                            self.repost.push(slot);
-                        }
+                        self.repost.push(slot);
                         continue;
                     }
                     self.in_flight = self.in_flight.saturating_sub(1);

@@ -238,7 +238,7 @@ impl Raw {
     pub fn new(provider: &str, server: &str) -> Raw {
         use fabric::ofi::{EndpointOptions, InfoList, Query};
         let node = (provider != "shm").then_some("127.0.0.1");
-        let q = Query { provider: Some(provider), node, service: None, rma: false, multi_recv: false };
+        let q = Query { provider: Some(provider), node, service: None, rma: false };
         let list = InfoList::get(&q).unwrap().unwrap();
         let mut ep =
             fabric::ofi::Endpoint::open(list, EndpointOptions { cq_size: 64, slots: 8, wait_fd: false }).unwrap();
