@@ -92,7 +92,7 @@ fn rpc(n: usize, size: usize) -> f64 {
     while client.peer(conn).is_none() {
         step(&mut server, &mut client, &mut events);
     }
-    let mut payload = Payload::copy_from(&vec![7u8; size]);
+    let mut payload = Payload::from(vec![7u8; size]);
     let start = Instant::now();
     for i in 0..n {
         client.call(now(), conn, 1, payload, i as u64).unwrap();

@@ -139,12 +139,12 @@ def free_port():
 
 
 class Server:
-    """A claudefs server on core 1 with an echo listener per transport."""
+    """A claudefs server (the build `binary`) on core 1 with an echo listener per transport."""
 
-    def __init__(self, transports):
+    def __init__(self, transports, binary=BIN):
         self.dir = tempfile.mkdtemp()
         self.sock = os.path.join(self.dir, "s.sock")
-        self.proc = subprocess.Popen(pinned(1, [BIN, "server", "-r", self.sock, "-m", "0x2", "--idle", "adaptive",
+        self.proc = subprocess.Popen(pinned(1, [binary, "server", "-r", self.sock, "-m", "0x2", "--idle", "adaptive",
                                       "--hugepages", "never"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(200):
             if os.path.exists(self.sock):
@@ -152,8 +152,9 @@ class Server:
             time.sleep(0.05)
         self.addr = {}
         for i, t in enumerate(transports):
-            address = f"bench-echo-{os.getpid()}" if t == "shm" else "127.0.0.1:0"
-            out = run([BIN, "rpc", "-s", self.sock, "--raw", "fabric_listen", "--name", f"l{i}", "--transport", t,
+            # (The socket's directory makes the shm name unique to this server.)
+            address = f"bench-echo-{os.path.basename(self.dir)}" if t == "shm" else "127.0.0.1:0"
+            out = run([binary, "rpc", "-s", self.sock, "--raw", "fabric_listen", "--name", f"l{i}", "--transport", t,
                        "--address", address])
             self.addr[t] = json.loads(out)["address"]
 
@@ -162,8 +163,8 @@ class Server:
         self.proc.wait(timeout=20)
 
 
-def fabricperf(transport, addr, size, depth, secs):
-    out = run(pinned(0, [BIN, "fabricperf", "--transport", transport, "-a", addr, "-o", str(size), "-q", str(depth),
+def fabricperf(transport, addr, size, depth, secs, binary=BIN):
+    out = run(pinned(0, [binary, "fabricperf", "--transport", transport, "-a", addr, "-o", str(size), "-q", str(depth),
                         "-t", str(secs), "--warmup", "0.3", "-m", "0x1", "--json"]))
     r = json.loads(out)["results"][0]
     return {"one_way_us": r["one_way_us"], "mb_per_s": r["mb_per_s"], "calls_per_s": r["calls_per_s"],
